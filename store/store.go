@@ -1,0 +1,84 @@
+// Package store opens the one Pebble database a ferryd node keeps, and
+// documents who owns which part of its key space. Each store package (inbox,
+// keys, device) reads and writes only under its own prefixes.
+//
+// Key space (all integers big-endian; usernames are [a-z0-9_] so 0x00 is a
+// safe separator):
+//
+//	'a' username                                    device:  Account record (storepb.Account)
+//	'k' 's' username 0x00 device(4)                 keys:    DeviceKeys (identity + signed prekey)
+//	'k' 'o' username 0x00 device(4) prekey_id(4)    keys:    one-time prekey public key (33 bytes)
+//	'i' username 0x00 device(4) envelope_id(8)      inbox:   wirepb.Envelope bytes
+//	'm' username 0x00 device(4)                     inbox:   InboxMeta (last id, count, bytes)
+//	'q' conversation                                inbox:   per-conversation sequence (8 bytes)
+//	'd' username 0x00 device(4) client_msg_id       inbox:   SendRecord (dedup of retries)
+//
+// Nothing else is stored: no plaintext, no history, no contact lists.
+package store
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// Key prefixes, one byte each.
+const (
+	PrefixAccount   = 'a'
+	PrefixKeys      = 'k'
+	PrefixInbox     = 'i'
+	PrefixInboxMeta = 'm'
+	PrefixConvSeq   = 'q'
+	PrefixDedup     = 'd'
+)
+
+// ErrOpen wraps every failure to open the database.
+var ErrOpen = errors.New("store: open")
+
+// Options for Open. The zero value opens dir on the real disk.
+type Options struct {
+	// FS is the file system; nil means the OS disk. Tests pass vfs.NewMem().
+	FS vfs.FS
+	// ReadOnly opens without writing (tools, audits).
+	ReadOnly bool
+}
+
+// Open opens (creating if needed) the Pebble database in dir. Corruption or
+// an unreadable directory is an error: a node refuses to serve rather than
+// serve wrong data.
+func Open(dir string, o Options) (*pebble.DB, error) {
+	opts := &pebble.Options{
+		FS:       o.FS,
+		ReadOnly: o.ReadOnly,
+		Logger:   quietLogger{},
+	}
+	db, err := pebble.Open(dir, opts)
+	if err != nil {
+		return nil, fmt.Errorf("%w %s: %w", ErrOpen, dir, err)
+	}
+	return db, nil
+}
+
+// OpenMem opens an in-memory database for tests.
+func OpenMem() (*pebble.DB, error) { return Open("", Options{FS: vfs.NewMem()}) }
+
+// DeviceKey returns username 0x00 device(4), the device part of many keys.
+func DeviceKey(dst []byte, username string, device uint32) []byte {
+	dst = append(dst, username...)
+	dst = append(dst, 0)
+	return append(dst, byte(device>>24), byte(device>>16), byte(device>>8), byte(device))
+}
+
+// quietLogger keeps Pebble's informational chatter out of ferryd's logs
+// while still surfacing errors.
+type quietLogger struct{}
+
+func (quietLogger) Infof(string, ...any) {}
+func (quietLogger) Errorf(format string, args ...any) {
+	fmt.Printf("pebble: "+format+"\n", args...)
+}
+func (quietLogger) Fatalf(format string, args ...any) {
+	panic(fmt.Sprintf("pebble: "+format, args...))
+}
