@@ -112,11 +112,12 @@ type Error struct {
 	Mismatch     *wirepb.DeviceMismatch
 }
 
+// Error returns the message, or the code's name when there is none.
 func (e *Error) Error() string {
 	if e.Message == "" {
 		return "wire: " + e.Code.String()
 	}
-	return "wire: " + e.Code.String() + ": " + e.Message
+	return e.Message
 }
 
 // Is matches another *Error with the same code, so errors.Is(err,

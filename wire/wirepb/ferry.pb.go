@@ -1130,10 +1130,13 @@ func (x *RegisterResult) GetDeviceId() uint32 {
 //
 //	signature = Ed25519(device key, "ferry-auth-v1" 0x00 || challenge || username 0x00 || device_id as 4 bytes big-endian)
 type Auth struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
-	DeviceId      uint32                 `protobuf:"varint,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
-	Signature     []byte                 `protobuf:"bytes,3,opt,name=signature,proto3" json:"signature,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Username  string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
+	DeviceId  uint32                 `protobuf:"varint,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	Signature []byte                 `protobuf:"bytes,3,opt,name=signature,proto3" json:"signature,omitempty"`
+	// A send-only connection gets no envelopes and does not replace the
+	// device's receiving connection (CLI `ferry send`, load tools).
+	SendOnly      bool `protobuf:"varint,4,opt,name=send_only,json=sendOnly,proto3" json:"send_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1187,6 +1190,13 @@ func (x *Auth) GetSignature() []byte {
 		return x.Signature
 	}
 	return nil
+}
+
+func (x *Auth) GetSendOnly() bool {
+	if x != nil {
+		return x.SendOnly
+	}
+	return false
 }
 
 type AuthResult struct {
@@ -2602,11 +2612,12 @@ const file_ferry_proto_rawDesc = "" +
 	"\x0fregistration_id\x18\x03 \x01(\rR\x0eregistrationId\x12\x1c\n" +
 	"\tsignature\x18\x04 \x01(\fR\tsignature\"-\n" +
 	"\x0eRegisterResult\x12\x1b\n" +
-	"\tdevice_id\x18\x01 \x01(\rR\bdeviceId\"]\n" +
+	"\tdevice_id\x18\x01 \x01(\rR\bdeviceId\"z\n" +
 	"\x04Auth\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\x12\x1c\n" +
-	"\tsignature\x18\x03 \x01(\fR\tsignature\"6\n" +
+	"\tsignature\x18\x03 \x01(\fR\tsignature\x12\x1b\n" +
+	"\tsend_only\x18\x04 \x01(\bR\bsendOnly\"6\n" +
 	"\n" +
 	"AuthResult\x12(\n" +
 	"\x10one_time_prekeys\x18\x01 \x01(\rR\x0eoneTimePrekeys\"7\n" +

@@ -1,0 +1,300 @@
+// Package client is Ferry's Go client SDK: the protocol connection (Conn),
+// and a device (Client) that keeps its keys, Signal sessions and history in a
+// local store, sends with retries under one client message id, and
+// receives, decrypts and acks. The CLI, the tests and the bench tool use it;
+// native apps can bind it.
+package client
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ferryhq/ferry/wire"
+	"github.com/ferryhq/ferry/wire/wirepb"
+	"github.com/gorilla/websocket"
+	"google.golang.org/protobuf/proto"
+)
+
+// Errors of the connection.
+var (
+	// ErrClosed is returned for requests on a closed connection; the
+	// *CloseError from Conn.Err says why it closed.
+	ErrClosed = errors.New("client: connection closed")
+)
+
+// CloseError is how the server (or the network) ended a connection.
+type CloseError struct {
+	Code   int    // WebSocket close code; 1006 when the connection just broke
+	Reason string // server's reason text
+}
+
+func (e *CloseError) Error() string {
+	return fmt.Sprintf("client: connection closed (%d %s)", e.Code, e.Reason)
+}
+
+// Reconnect reports whether reconnecting may help (see wire.CloseReconnects).
+func (e *CloseError) Reconnect() bool { return wire.CloseReconnects(e.Code) }
+
+// DialOptions tunes Dial. The zero value is fine.
+type DialOptions struct {
+	ClientName string        // sent in Hello
+	Timeout    time.Duration // for the dial and Hello; 0 = 10s
+	Header     http.Header   // extra upgrade headers (tests)
+}
+
+// Conn is one protocol connection. Requests may be issued concurrently.
+type Conn struct {
+	ws      *websocket.Conn
+	welcome *wirepb.Welcome
+
+	nextID atomic.Uint64
+	wmu    sync.Mutex // serializes writes
+
+	mu      sync.Mutex
+	pending map[uint64]chan *wirepb.Response // guarded by mu
+	err     error                            // guarded by mu: why the connection ended
+
+	events chan *wirepb.Event
+	done   chan struct{}
+	once   sync.Once
+}
+
+// ServerURL turns "ws://host:port" (or http/https) into the endpoint URL.
+func ServerURL(server string) (string, error) {
+	u, err := url.Parse(server)
+	if err != nil || u.Host == "" {
+		return "", fmt.Errorf("client: bad server URL %q (want ws://host:port or wss://host)", server)
+	}
+	switch u.Scheme {
+	case "ws", "wss":
+	case "http":
+		u.Scheme = "ws"
+	case "https":
+		u.Scheme = "wss"
+	default:
+		return "", fmt.Errorf("client: bad server URL scheme %q (want ws or wss)", u.Scheme)
+	}
+	if u.Path == "" || u.Path == "/" {
+		u.Path = wire.Path
+	}
+	return u.String(), nil
+}
+
+// Dial connects and exchanges Hello/Welcome.
+func Dial(ctx context.Context, server string, o DialOptions) (*Conn, error) {
+	if o.Timeout <= 0 {
+		o.Timeout = 10 * time.Second
+	}
+	if o.ClientName == "" {
+		o.ClientName = "ferry-go"
+	}
+	u, err := ServerURL(server)
+	if err != nil {
+		return nil, err
+	}
+	dctx, cancel := context.WithTimeout(ctx, o.Timeout)
+	defer cancel()
+	d := websocket.Dialer{HandshakeTimeout: o.Timeout, ReadBufferSize: 4096, WriteBufferSize: 4096}
+	ws, resp, err := d.DialContext(dctx, u, o.Header)
+	if err != nil {
+		if resp != nil {
+			return nil, fmt.Errorf("client: dial %s: %s: %w", u, resp.Status, err)
+		}
+		return nil, fmt.Errorf("client: dial %s: %w", u, err)
+	}
+	c := &Conn{
+		ws:      ws,
+		pending: make(map[uint64]chan *wirepb.Response),
+		events:  make(chan *wirepb.Event, 256),
+		done:    make(chan struct{}),
+	}
+	ws.SetReadLimit(64 << 20)
+	go c.readLoop()
+	r, err := c.Do(dctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_Hello{Hello: &wirepb.Hello{
+		MinVersion: wire.Version, MaxVersion: wire.Version, Client: o.ClientName}}})
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("client: hello: %w", err)
+	}
+	c.welcome = r.GetWelcome()
+	if c.welcome == nil || len(c.welcome.Challenge) != wire.ChallengeSize {
+		c.Close()
+		return nil, errors.New("client: server sent no valid Welcome")
+	}
+	c.extendDeadline()
+	return c, nil
+}
+
+// Welcome is the server's handshake answer (limits, challenge).
+func (c *Conn) Welcome() *wirepb.Welcome { return c.welcome }
+
+// Register creates an account and its primary device; the connection is
+// then authenticated as it.
+func (c *Conn) Register(ctx context.Context, username string, key ed25519.PrivateKey, registrationID uint32) (uint32, error) {
+	sig := ed25519.Sign(key, wire.RegisterMessage(c.welcome.Challenge, username))
+	r, err := c.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_Register{Register: &wirepb.Register{
+		Username: username, DeviceKey: key.Public().(ed25519.PublicKey), RegistrationId: registrationID, Signature: sig}}})
+	if err != nil {
+		return 0, err
+	}
+	return r.GetRegister().GetDeviceId(), nil
+}
+
+// Auth authenticates as an existing device.
+func (c *Conn) Auth(ctx context.Context, username string, deviceID uint32, key ed25519.PrivateKey, sendOnly bool) (*wirepb.AuthResult, error) {
+	sig := ed25519.Sign(key, wire.AuthMessage(c.welcome.Challenge, username, deviceID))
+	r, err := c.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_Auth{Auth: &wirepb.Auth{
+		Username: username, DeviceId: deviceID, Signature: sig, SendOnly: sendOnly}}})
+	if err != nil {
+		return nil, err
+	}
+	return r.GetAuth(), nil
+}
+
+// Do sends a request and waits for its response. An error response comes
+// back as a *wire.Error.
+func (c *Conn) Do(ctx context.Context, f *wirepb.ClientFrame) (*wirepb.Response, error) {
+	id := c.nextID.Add(1)
+	f.Id = id
+	ch := make(chan *wirepb.Response, 1)
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return nil, fmt.Errorf("%w: %w", ErrClosed, c.err)
+	}
+	c.pending[id] = ch
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.pending, id)
+		c.mu.Unlock()
+	}()
+	b, err := proto.Marshal(f)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.write(b); err != nil {
+		return nil, err
+	}
+	select {
+	case r := <-ch:
+		if r.Error != nil {
+			return nil, wire.FromProto(r.Error)
+		}
+		return r, nil
+	case <-c.done:
+		return nil, fmt.Errorf("%w: %w", ErrClosed, c.Err())
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// WriteRaw writes arbitrary bytes as one binary frame (tests of the server's
+// handling of bad frames).
+func (c *Conn) WriteRaw(b []byte) error { return c.write(b) }
+
+func (c *Conn) write(b []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	_ = c.ws.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	if err := c.ws.WriteMessage(websocket.BinaryMessage, b); err != nil {
+		c.fail(&CloseError{Code: websocket.CloseAbnormalClosure, Reason: err.Error()})
+		return fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return nil
+}
+
+// Events delivers server events (envelopes, queue-empty, prekeys-low) in
+// order. It is closed when the connection ends.
+func (c *Conn) Events() <-chan *wirepb.Event { return c.events }
+
+// Done is closed when the connection has ended; Err then says why.
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// Err is nil while open, then the *CloseError (or other error) that ended it.
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Close ends the connection politely.
+func (c *Conn) Close() error {
+	c.wmu.Lock()
+	_ = c.ws.WriteControl(websocket.CloseMessage,
+		websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
+	c.wmu.Unlock()
+	c.fail(&CloseError{Code: websocket.CloseNormalClosure, Reason: "closed by client"})
+	return nil
+}
+
+func (c *Conn) fail(err error) {
+	c.once.Do(func() {
+		c.mu.Lock()
+		c.err = err
+		c.mu.Unlock()
+		_ = c.ws.Close()
+		close(c.done)
+	})
+}
+
+// extendDeadline keeps the read side alive while the server pings.
+func (c *Conn) extendDeadline() {
+	iv := 30 * time.Second
+	if c.welcome != nil && c.welcome.Limits != nil && c.welcome.Limits.PingIntervalMs > 0 {
+		iv = time.Duration(c.welcome.Limits.PingIntervalMs) * time.Millisecond
+	}
+	_ = c.ws.SetReadDeadline(time.Now().Add(2*iv + 10*time.Second))
+}
+
+func (c *Conn) readLoop() {
+	defer close(c.events)
+	c.ws.SetPingHandler(func(data string) error {
+		c.extendDeadline()
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		return c.ws.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(10*time.Second))
+	})
+	for {
+		_, b, err := c.ws.ReadMessage()
+		if err != nil {
+			var ce *websocket.CloseError
+			if errors.As(err, &ce) {
+				c.fail(&CloseError{Code: ce.Code, Reason: ce.Text})
+			} else {
+				c.fail(&CloseError{Code: websocket.CloseAbnormalClosure, Reason: err.Error()})
+			}
+			return
+		}
+		if c.welcome != nil {
+			c.extendDeadline()
+		}
+		f, err := wire.DecodeServerFrame(b, 0)
+		if err != nil {
+			c.fail(&CloseError{Code: websocket.CloseProtocolError, Reason: "undecodable server frame"})
+			return
+		}
+		switch body := f.Body.(type) {
+		case *wirepb.ServerFrame_Response:
+			c.mu.Lock()
+			ch := c.pending[body.Response.Id]
+			c.mu.Unlock()
+			if ch != nil {
+				ch <- body.Response
+			}
+		case *wirepb.ServerFrame_Event:
+			select {
+			case c.events <- body.Event:
+			case <-c.done:
+				return
+			}
+		}
+	}
+}

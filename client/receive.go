@@ -1,0 +1,170 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/ferryhq/ferry/client/e2ee"
+	"github.com/ferryhq/ferry/client/localstore"
+	"github.com/ferryhq/ferry/wire/wirepb"
+)
+
+// Event is something Receive hands to its callback.
+type Event struct {
+	// Message is a new message (incoming, or a copy of one this account sent
+	// from another device). Failed is set when it could not be decrypted.
+	Message *localstore.Message
+	// Receipt is set for a delivered receipt (✓✓) of an own message.
+	Receipt *wirepb.Receipt
+	// Err is why Message could not be decrypted.
+	Err error
+}
+
+// ReceiveOptions for Receive.
+type ReceiveOptions struct {
+	// UntilEmpty returns once the backlog present at connect is processed
+	// and acked. Otherwise Receive runs until ctx ends.
+	UntilEmpty bool
+	// Handle is called for each event, in inbox order, after it is stored.
+	Handle func(Event)
+}
+
+// ackBatch is the most ids one Ack carries.
+const ackBatch = 32
+
+// Receive connects as this device, stores and acks everything handed to it
+// and reconnects with backoff when the connection breaks. It returns nil
+// when ctx ends or (UntilEmpty) the backlog is done; it returns an error for
+// failures that reconnecting cannot fix (auth failed, replaced by another
+// connection of this device).
+func (c *Client) Receive(ctx context.Context, o ReceiveOptions) error {
+	bo := c.opts.Backoff
+	for {
+		conn, err := c.connect(ctx, false)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if !retryable(err) {
+				return err
+			}
+			c.log.Debug("client: connect failed", "err", err)
+		} else {
+			bo.Reset()
+			done, err := c.serve(ctx, conn, o)
+			conn.Close()
+			if done || ctx.Err() != nil {
+				return nil
+			}
+			var ce *CloseError
+			if errors.As(err, &ce) && !ce.Reconnect() {
+				return err
+			}
+			if err != nil && !errors.As(err, &ce) && !retryable(err) {
+				return err
+			}
+			c.log.Debug("client: connection lost", "err", err)
+		}
+		if bo.Wait(ctx) != nil {
+			return nil
+		}
+	}
+}
+
+// serve processes one connection's events; done reports UntilEmpty reached.
+func (c *Client) serve(ctx context.Context, conn *Conn, o ReceiveOptions) (done bool, err error) {
+	var (
+		pending []uint64
+		wg      sync.WaitGroup
+	)
+	defer wg.Wait()
+	flush := func() {
+		if len(pending) == 0 {
+			return
+		}
+		ids := pending
+		pending = nil
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// A lost ack only means a redelivery, which is dropped by id.
+			_, _ = conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_Ack{Ack: &wirepb.Ack{EnvelopeIds: ids}}})
+		}()
+	}
+	defer flush()
+	for {
+		var ev *wirepb.Event
+		select {
+		case e, ok := <-conn.Events():
+			if !ok {
+				return false, conn.Err()
+			}
+			ev = e
+		case <-ctx.Done():
+			return false, ctx.Err()
+		}
+		switch b := ev.Body.(type) {
+		case *wirepb.Event_Envelope:
+			if err := c.handleEnvelope(ctx, b.Envelope, o.Handle); err != nil {
+				return false, err
+			}
+			pending = append(pending, b.Envelope.Id)
+			if len(pending) >= ackBatch || len(conn.Events()) == 0 {
+				flush()
+			}
+		case *wirepb.Event_QueueEmpty:
+			if o.UntilEmpty {
+				flush()
+				return true, nil
+			}
+		case *wirepb.Event_PrekeysLow:
+			up, err := c.dev.NewPreKeys(ctx, prekeyBatch)
+			if err != nil {
+				return false, err
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_UploadKeys{UploadKeys: up}}); err != nil {
+					c.log.Warn("client: prekey refill failed", "err", err)
+				}
+			}()
+		}
+	}
+}
+
+// handleEnvelope stores one envelope's effect locally. An error means the
+// envelope must not be acked (local storage trouble); undecryptable
+// messages are recorded as failed and acked.
+func (c *Client) handleEnvelope(ctx context.Context, env *wirepb.Envelope, handle func(Event)) error {
+	if env.Type == wirepb.EnvelopeType_RECEIPT {
+		r := env.Receipt
+		if r == nil {
+			return nil
+		}
+		peer := r.To
+		if peer == c.username {
+			peer = r.Username
+		}
+		if _, err := c.st.MarkDelivered(ctx, peer, r.ClientMsgId); err != nil {
+			return err
+		}
+		if handle != nil {
+			handle(Event{Receipt: r})
+		}
+		return nil
+	}
+	msg, dup, err := c.dev.Receive(ctx, c.username, env)
+	if dup {
+		return nil
+	}
+	if err != nil && !errors.Is(err, e2ee.ErrDecrypt) {
+		return fmt.Errorf("client: store envelope %d: %w", env.Id, err)
+	}
+	if handle != nil && msg != nil {
+		handle(Event{Message: msg, Err: err})
+	}
+	return nil
+}

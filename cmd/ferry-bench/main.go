@@ -1,0 +1,219 @@
+// Command ferry-bench drives a ferryd with simulated devices and reports
+// throughput and latency. Payloads are opaque random bytes of realistic
+// ciphertext sizes: the server cannot tell them from real ciphertext, so the
+// figures measure the server, not client-side Signal work.
+//
+//	ferry-bench --server ws://127.0.0.1:7600 pairs --pairs 16 --messages 200 [--json]
+//
+// This is the first mode; issue 8 adds idle, group, drain and storm.
+package main
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/ferryhq/ferry/client"
+	"github.com/ferryhq/ferry/wire/wirepb"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "ferry-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("ferry-bench", flag.ContinueOnError)
+	server := fs.String("server", "ws://127.0.0.1:7600", "server URL")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]")
+	}
+	switch fs.Arg(0) {
+	case "pairs":
+		return pairs(*server, fs.Args()[1:])
+	default:
+		return fmt.Errorf("unknown mode %q (have: pairs)", fs.Arg(0))
+	}
+}
+
+// device is a registered bench device with one open connection.
+type device struct {
+	name string
+	reg  uint32
+	conn *client.Conn
+}
+
+func newDevice(ctx context.Context, server, name string) (*device, error) {
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	conn, err := client.Dial(ctx, server, client.DialOptions{ClientName: "ferry-bench"})
+	if err != nil {
+		return nil, err
+	}
+	reg := uint32(1 + len(name)%16000)
+	if _, err := conn.Register(ctx, name, key, reg); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("register %s: %w", name, err)
+	}
+	return &device{name: name, reg: reg, conn: conn}, nil
+}
+
+type pairsResult struct {
+	Pairs        int     `json:"pairs"`
+	Messages     int     `json:"messages"`
+	MsgsPerSec   float64 `json:"msgs_per_sec"`
+	AckP50Ms     float64 `json:"ack_p50_ms"`
+	AckP99Ms     float64 `json:"ack_p99_ms"`
+	DeliverP50Ms float64 `json:"deliver_p50_ms"`
+	DeliverP99Ms float64 `json:"deliver_p99_ms"`
+	DeliverP999  float64 `json:"deliver_p999_ms"`
+	Lost         int     `json:"lost"`
+	Duplicates   int     `json:"duplicates"`
+}
+
+func pairs(server string, args []string) error {
+	fs := flag.NewFlagSet("pairs", flag.ContinueOnError)
+	np := fs.Int("pairs", 16, "sender/receiver pairs")
+	nm := fs.Int("messages", 200, "messages per pair")
+	size := fs.Int("size", 160, "ciphertext bytes")
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	run := hex.EncodeToString(randBytes(3))
+	type pair struct{ s, r *device }
+	ps := make([]pair, *np)
+	for i := range ps {
+		s, err := newDevice(ctx, server, fmt.Sprintf("bs%s_%d", run, i))
+		if err != nil {
+			return err
+		}
+		r, err := newDevice(ctx, server, fmt.Sprintf("br%s_%d", run, i))
+		if err != nil {
+			return err
+		}
+		ps[i] = pair{s, r}
+	}
+	var (
+		mu         sync.Mutex
+		ackLat     []float64
+		deliverLat []float64
+		lost, dups int
+		wg         sync.WaitGroup
+		payload    = randBytes(*size)
+		start      = time.Now()
+		firstErr   error
+	)
+	for _, p := range ps {
+		wg.Add(2)
+		sentAt := make(map[string]time.Time, *nm)
+		var smu sync.Mutex
+		go func() { // receiver
+			defer wg.Done()
+			got := map[string]bool{}
+			for len(got) < *nm {
+				select {
+				case ev, ok := <-p.r.conn.Events():
+					if !ok {
+						return
+					}
+					env := ev.GetEnvelope()
+					if env == nil {
+						continue
+					}
+					now := time.Now()
+					smu.Lock()
+					t0 := sentAt[env.ClientMsgId]
+					smu.Unlock()
+					mu.Lock()
+					if got[env.ClientMsgId] {
+						dups++
+					} else if !t0.IsZero() {
+						deliverLat = append(deliverLat, float64(now.Sub(t0).Microseconds())/1000)
+					}
+					mu.Unlock()
+					got[env.ClientMsgId] = true
+					go p.r.conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_Ack{Ack: &wirepb.Ack{EnvelopeIds: []uint64{env.Id}}}})
+				case <-ctx.Done():
+					mu.Lock()
+					lost += *nm - len(got)
+					mu.Unlock()
+					return
+				}
+			}
+		}()
+		go func() { // sender
+			defer wg.Done()
+			for i := 0; i < *nm; i++ {
+				id := fmt.Sprintf("%s-%d", p.s.name, i)
+				t0 := time.Now()
+				smu.Lock()
+				sentAt[id] = t0
+				smu.Unlock()
+				_, err := p.s.conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_Send{Send: &wirepb.Send{
+					ClientMsgId: id, To: p.r.name, Ciphertexts: []*wirepb.DeviceCiphertext{{
+						Username: p.r.name, DeviceId: 1, RegistrationId: p.r.reg,
+						Type: wirepb.EnvelopeType_SIGNAL_MESSAGE, Content: payload}}}}})
+				if err != nil {
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					cancel()
+					return
+				}
+				mu.Lock()
+				ackLat = append(ackLat, float64(time.Since(t0).Microseconds())/1000)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if firstErr != nil {
+		return firstErr
+	}
+	res := pairsResult{Pairs: *np, Messages: *np * *nm, Lost: lost, Duplicates: dups,
+		MsgsPerSec: float64(*np**nm) / elapsed.Seconds(),
+		AckP50Ms:   pct(ackLat, 0.50), AckP99Ms: pct(ackLat, 0.99),
+		DeliverP50Ms: pct(deliverLat, 0.50), DeliverP99Ms: pct(deliverLat, 0.99), DeliverP999: pct(deliverLat, 0.999)}
+	if *asJSON {
+		return json.NewEncoder(os.Stdout).Encode(res)
+	}
+	fmt.Printf("pairs %d, messages %d, %.0f msgs/s (persist → ✓ → deliver → ack → delete)\n", res.Pairs, res.Messages, res.MsgsPerSec)
+	fmt.Printf("send→✓       p50 %.2f ms  p99 %.2f ms\n", res.AckP50Ms, res.AckP99Ms)
+	fmt.Printf("send→deliver p50 %.2f ms  p99 %.2f ms  p99.9 %.2f ms\n", res.DeliverP50Ms, res.DeliverP99Ms, res.DeliverP999)
+	fmt.Printf("lost %d, duplicates %d\n", res.Lost, res.Duplicates)
+	return nil
+}
+
+func pct(xs []float64, p float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[min(len(s)-1, int(p*float64(len(s))))]
+}
+
+func randBytes(n int) []byte {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return b
+}

@@ -1,0 +1,301 @@
+// Command ferry is Ferry's reference client: a real device with its own
+// Signal keys, sessions and history in --home.
+//
+//	ferry [--home DIR] [--server URL] register NAME
+//	ferry send NAME TEXT|-
+//	ferry recv [--wait DURATION] [--json]
+//	ferry history NAME [--json]
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/ferryhq/ferry/client"
+	"github.com/ferryhq/ferry/client/localstore"
+	"github.com/ferryhq/ferry/wire"
+)
+
+const usage = `usage: ferry [--home DIR] [--server URL] COMMAND [ARGS]
+
+commands:
+  register NAME                create the account NAME and this device (needs --server once)
+  send NAME TEXT               send TEXT (or - for standard input) to NAME; exits 0 after ✓
+  recv [--wait D] [--json]     receive, decrypt, store and print messages;
+                               without --wait, stop when the backlog is done
+  history NAME [--json]        print the local history with NAME
+
+global flags:
+  --home DIR     device store (default ~/.ferry, or $FERRY_HOME)
+  --server URL   server, e.g. ws://127.0.0.1:7600 or wss://host (remembered)
+  --verbose      log connection events to stderr
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("ferry", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage) }
+	home := fs.String("home", defaultHome(), "device store directory")
+	server := fs.String("server", "", "server URL")
+	verbose := fs.Bool("verbose", false, "log to stderr")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() == 0 {
+		fs.Usage()
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	level := slog.LevelWarn
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	c, err := client.Open(ctx, client.Options{Home: *home, Logger: log, ClientName: "ferry-cli/1",
+		Backoff: client.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}})
+	if err != nil {
+		fmt.Fprintln(stderr, "ferry:", err)
+		return 1
+	}
+	defer c.Close()
+	if *server != "" && *server != c.Server() {
+		if err := c.SetServer(ctx, *server); err != nil {
+			fmt.Fprintln(stderr, "ferry:", err)
+			return 2
+		}
+	}
+	cmd, rest := fs.Arg(0), fs.Args()[1:]
+	switch cmd {
+	case "register":
+		err = cmdRegister(ctx, c, rest, stdout)
+	case "send":
+		err = cmdSend(ctx, c, rest, stdin, stdout)
+	case "recv":
+		err = cmdRecv(ctx, c, rest, stdout)
+	case "history":
+		err = cmdHistory(ctx, c, rest, stdout)
+	default:
+		fmt.Fprintf(stderr, "ferry: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	var ue usageError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ue):
+		fmt.Fprintln(stderr, "ferry:", err)
+		return 2
+	default:
+		fmt.Fprintln(stderr, "ferry:", describe(err))
+		return 1
+	}
+}
+
+// parseArgs parses flags that may come before, between or after the
+// positional arguments ("history alice --json"), returning the positionals.
+// A lone "-" is a positional (send's "read standard input").
+func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	fs.SetOutput(io.Discard)
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+}
+
+type usageError string
+
+func (e usageError) Error() string { return string(e) }
+
+// describe prefixes server errors with their stable code.
+func describe(err error) string {
+	var we *wire.Error
+	if errors.As(err, &we) {
+		s := we.Code.String() + ": " + err.Error()
+		if mm := we.Mismatch; mm != nil {
+			s += fmt.Sprintf(" (missing %v, extra %v, stale %v)", refs(mm.Missing), refs(mm.Extra), refs(mm.Stale))
+		}
+		return s
+	}
+	return err.Error()
+}
+
+func refs[T interface {
+	GetUsername() string
+	GetDeviceId() uint32
+}](rs []T) []string {
+	out := make([]string, len(rs))
+	for i, r := range rs {
+		out[i] = fmt.Sprintf("%s.%d", r.GetUsername(), r.GetDeviceId())
+	}
+	return out
+}
+
+func defaultHome() string {
+	if h := os.Getenv("FERRY_HOME"); h != "" {
+		return h
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".ferry")
+	}
+	return ".ferry"
+}
+
+func cmdRegister(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
+	if len(args) != 1 {
+		return usageError("usage: ferry register NAME")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := c.Register(ctx, args[0]); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "registered %s (device %d) on %s\n", c.Username(), c.DeviceID(), c.Server())
+	return nil
+}
+
+func cmdSend(ctx context.Context, c *client.Client, args []string, stdin io.Reader, out io.Writer) error {
+	fs := flag.NewFlagSet("send", flag.ContinueOnError)
+	timeout := fs.Duration("timeout", 60*time.Second, "give up if not accepted within this")
+	pos, err := parseArgs(fs, args)
+	if err != nil || len(pos) != 2 {
+		return usageError("usage: ferry send [--timeout D] NAME TEXT|-")
+	}
+	text := pos[1]
+	if text == "-" {
+		b, err := io.ReadAll(stdin)
+		if err != nil {
+			return err
+		}
+		text = strings.TrimSuffix(string(b), "\n")
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	s, err := c.Send(ctx, pos[0], text)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "✓ sent to %s, seq %d\n", s.To, s.Seq)
+	return nil
+}
+
+// jsonLine is one line of `recv --json` and `history --json`.
+type jsonLine struct {
+	Type        string `json:"type"` // "message" or "delivered"
+	ID          uint64 `json:"id"`   // server envelope id (0 for own sends in history)
+	From        string `json:"from"`
+	FromDevice  uint32 `json:"from_device"`
+	To          string `json:"to,omitempty"`
+	Group       string `json:"group"`
+	Seq         uint64 `json:"seq"`
+	Text        string `json:"text"`
+	ServerTime  string `json:"server_time"`
+	ClientMsgID string `json:"client_msg_id"`
+	Outgoing    bool   `json:"outgoing,omitempty"`
+	Delivered   bool   `json:"delivered,omitempty"`
+	Failed      bool   `json:"failed,omitempty"`
+}
+
+func messageLine(m *localstore.Message) jsonLine {
+	return jsonLine{Type: "message", ID: m.EnvelopeID, From: m.Sender, FromDevice: m.SenderDevice, To: m.Peer,
+		Group: m.Group, Seq: m.Seq, Text: m.Text, ServerTime: m.ServerTime.UTC().Format(time.RFC3339Nano),
+		ClientMsgID: m.ClientMsgID, Outgoing: m.Outgoing, Delivered: m.Delivered, Failed: m.Failed}
+}
+
+func cmdRecv(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("recv", flag.ContinueOnError)
+	wait := fs.Duration("wait", 0, "keep receiving for this long (0: until the backlog is done)")
+	asJSON := fs.Bool("json", false, "one JSON object per line")
+	if pos, err := parseArgs(fs, args); err != nil || len(pos) != 0 {
+		return usageError("usage: ferry recv [--wait D] [--json]")
+	}
+	opts := client.ReceiveOptions{UntilEmpty: *wait == 0}
+	if *wait > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *wait)
+		defer cancel()
+	} else {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 5*time.Minute)
+		defer cancel()
+	}
+	enc := json.NewEncoder(out)
+	opts.Handle = func(ev client.Event) {
+		switch {
+		case ev.Message != nil && *asJSON:
+			_ = enc.Encode(messageLine(ev.Message))
+		case ev.Message != nil:
+			printMessage(out, ev.Message)
+		case ev.Receipt != nil && *asJSON:
+			r := ev.Receipt
+			_ = enc.Encode(jsonLine{Type: "delivered", From: r.Username, FromDevice: r.DeviceId, To: r.To,
+				Seq: r.Seq, ClientMsgID: r.ClientMsgId})
+		}
+	}
+	return c.Receive(ctx, opts)
+}
+
+func printMessage(out io.Writer, m *localstore.Message) {
+	who := m.Sender
+	if m.Outgoing {
+		who = "me → " + m.Peer
+	}
+	text := m.Text
+	if m.Failed {
+		text = "(could not decrypt)"
+	}
+	mark := ""
+	if m.Outgoing {
+		mark = " ✓"
+		if m.Delivered {
+			mark = " ✓✓"
+		}
+	}
+	fmt.Fprintf(out, "[%s #%d] %s: %s%s\n", m.ServerTime.Local().Format("2006-01-02 15:04:05"), m.Seq, who, text, mark)
+}
+
+func cmdHistory(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("history", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "one JSON object per line")
+	pos, err := parseArgs(fs, args)
+	if err != nil || len(pos) != 1 {
+		return usageError("usage: ferry history NAME [--json]")
+	}
+	msgs, err := c.History(ctx, pos[0])
+	if err != nil {
+		return err
+	}
+	enc := json.NewEncoder(out)
+	for i := range msgs {
+		m := &msgs[i]
+		if *asJSON {
+			_ = enc.Encode(messageLine(m))
+			continue
+		}
+		printMessage(out, m)
+	}
+	return nil
+}

@@ -1,0 +1,434 @@
+// Package inbox keeps the per-device ciphertext inboxes of a ferryd node in
+// Pebble: durable append with group commit, range reads after a cursor,
+// delete on ack, expiry after a TTL, per-device quotas and dedup of retried
+// sends.
+//
+// One committer goroutine is the only writer. Every mutation (Append, Ack,
+// DeleteDevice, expiry) is an op sent to it over a bounded channel; it
+// applies a group of ops into one Pebble batch and commits that batch once,
+// with fsync if any op in the group needs it. Envelope ids and conversation
+// sequence numbers are therefore assigned in commit order: a reader that can
+// see id N+1 of a device can also see id N (unless N was acked or expired),
+// so it may advance its cursor past everything it read without ever
+// skipping a message that commits later (design invariant 2). Concurrent
+// sends share one fsync.
+//
+// Keys (package store documents the whole key space):
+//
+//	'i' username 0x00 device(4) id(8)            marshaled wirepb.Envelope
+//	'm' username 0x00 device(4)                  storepb.InboxMeta
+//	'q' conversation                             sequence, 8 bytes big-endian
+//	'd' username 0x00 device(4) client_msg_id    storepb.SendRecord (sender's dedup)
+//
+// Nothing is cached across commit groups: every op reads Pebble, overlaid
+// with what earlier ops of its own group changed, so a failed commit leaves
+// no stale state behind.
+package inbox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/ferryhq/ferry/store/storepb"
+	"github.com/ferryhq/ferry/wire"
+	"github.com/ferryhq/ferry/wire/wirepb"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
+)
+
+// Errors. ErrInboxFull, ErrStorage and ErrClosed are *wire.Error values, so
+// the relay maps them to client codes with errors.As. wire.Error matches by
+// code, so errors.Is cannot tell ErrStorage from ErrClosed (both UNAVAILABLE
+// and retryable); compare the code, not the sentinel, when that matters.
+var (
+	// ErrInboxFull: a recipient device is at its MaxDepth or MaxBytes quota.
+	// Append returns it inside a *FullError that names the devices.
+	ErrInboxFull = &wire.Error{Code: wirepb.ErrorCode_INBOX_FULL, Message: "inbox: full", Retryable: true}
+	// ErrStorage: Pebble failed to read or commit. Nothing of the failed
+	// operation is acknowledged; retrying may succeed.
+	ErrStorage = &wire.Error{Code: wirepb.ErrorCode_UNAVAILABLE, Message: "inbox: storage failed", Retryable: true}
+	// ErrClosed: the Store is closed (the node is shutting down).
+	ErrClosed = &wire.Error{Code: wirepb.ErrorCode_UNAVAILABLE, Message: "inbox: closed", Retryable: true}
+	// ErrNotFound: no such entry (or it has expired).
+	ErrNotFound = errors.New("inbox: not found")
+)
+
+// FullError is the error of an Append that would put devices over their
+// quota. Nothing of that send was stored.
+type FullError struct {
+	Devices []wire.DeviceAddr // the full devices, in the order of the send's entries
+}
+
+func (e *FullError) Error() string {
+	names := make([]string, len(e.Devices))
+	for i, d := range e.Devices {
+		names[i] = d.String()
+	}
+	return "inbox: full: " + strings.Join(names, ", ")
+}
+
+// Unwrap returns ErrInboxFull.
+func (e *FullError) Unwrap() error { return ErrInboxFull }
+
+// Options configure a Store. Every zero value means the documented default.
+type Options struct {
+	// TTL is how long an undelivered entry (and a dedup record) lives; 0 means 30 days.
+	TTL time.Duration
+	// MaxDepth is the most entries one device's inbox holds; 0 means 100000.
+	MaxDepth int
+	// MaxBytes is the most stored bytes (envelope sizes) per device; 0 means 256 MiB.
+	MaxBytes int64
+	// MaxGroup is the most ops the committer puts into one batch; 0 means 1024.
+	MaxGroup int
+	// QueueSize is the capacity of the committer's channel; 0 means 4096.
+	QueueSize int
+	// SweepInterval is the period of the background expiry sweep; 0 means
+	// one minute, a negative value disables the sweeper (call ExpireNow).
+	SweepInterval time.Duration
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// OnAppend is called after each successful commit with the distinct
+	// devices that got entries in it. It runs on the committer goroutine and
+	// must not block; nil means no callback.
+	OnAppend func(devs []wire.DeviceAddr)
+	// Registerer receives the store's metrics; nil means no metrics.
+	Registerer prometheus.Registerer
+	// Logger gets commit failures and sweep results (ids and counts only,
+	// never content); nil means slog.Default().
+	Logger *slog.Logger
+
+	// commit commits a group's batch; nil means (*pebble.Batch).Commit.
+	// Tests inject commit failures through it.
+	commit func(b *pebble.Batch, o *pebble.WriteOptions) error
+}
+
+func (o Options) withDefaults() Options {
+	if o.TTL <= 0 {
+		o.TTL = 30 * 24 * time.Hour
+	}
+	if o.MaxDepth <= 0 {
+		o.MaxDepth = 100000
+	}
+	if o.MaxBytes <= 0 {
+		o.MaxBytes = 256 << 20
+	}
+	if o.MaxGroup <= 0 {
+		o.MaxGroup = 1024
+	}
+	if o.QueueSize <= 0 {
+		o.QueueSize = 4096
+	}
+	if o.SweepInterval == 0 {
+		o.SweepInterval = time.Minute
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.commit == nil {
+		o.commit = (*pebble.Batch).Commit
+	}
+	return o
+}
+
+// Store is the inbox store of one Pebble database. Its methods are safe for
+// concurrent use.
+type Store struct {
+	// static after construction
+	db    *pebble.DB
+	o     Options
+	ttlMs int64
+	m     *metrics
+	ops   chan *op // to the committer
+
+	// shutdown
+	quit      chan struct{} // closed by Close
+	stopped   chan struct{} // closed when the committer has exited
+	sweepDone chan struct{} // closed when the sweeper has exited
+	stopSweep context.CancelFunc
+	closeOnce sync.Once
+}
+
+// New starts a Store on db: its committer and, unless disabled, its expiry
+// sweeper. Close stops them; it does not close db, and db must stay open
+// until Close has returned and no other method is running.
+func New(db *pebble.DB, o Options) (*Store, error) {
+	if db == nil {
+		return nil, errors.New("inbox: nil db")
+	}
+	o = o.withDefaults()
+	m, err := newMetrics(o.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("inbox: metrics: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Store{
+		db:        db,
+		o:         o,
+		ttlMs:     o.TTL.Milliseconds(),
+		m:         m,
+		ops:       make(chan *op, o.QueueSize),
+		quit:      make(chan struct{}),
+		stopped:   make(chan struct{}),
+		sweepDone: make(chan struct{}),
+		stopSweep: cancel,
+	}
+	go s.run()
+	go s.sweep(ctx)
+	return s, nil
+}
+
+// Close stops the committer and the sweeper. Ops not yet applied get
+// ErrClosed; an op already applied to a batch gets its real result. Close is
+// idempotent and returns nil.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		s.stopSweep() // first, so the sweeper does not log the ErrClosed it may see
+		close(s.quit)
+	})
+	<-s.stopped
+	<-s.sweepDone
+	return nil
+}
+
+// Entry is one envelope for one device. The caller sets Sender,
+// SenderDevice, To, Type, Content, ClientMsgId and Receipt of Env; the
+// stored copy gets Id, Seq and ServerTimeMs from the store (values the
+// caller set there are overridden). Env itself is not modified.
+type Entry struct {
+	To  wire.DeviceAddr
+	Env *wirepb.Envelope
+}
+
+// Send is one message: its envelopes for every recipient device.
+type Send struct {
+	Sender       wire.DeviceAddr
+	ClientMsgID  string // "" means no dedup (server-made entries such as receipts)
+	Conversation string // key of the sequence counter; "" means no sequence (Seq 0)
+	Entries      []Entry
+}
+
+// Accepted is the result of a committed (or duplicate) send.
+type Accepted struct {
+	Seq        uint64    // conversation sequence number, 0 without a conversation
+	ServerTime time.Time // millisecond precision
+	Duplicate  bool      // the send was accepted before; Seq and ServerTime are the original ones
+}
+
+// Item is one entry read from an inbox.
+type Item struct {
+	ID   uint64
+	Env  *wirepb.Envelope
+	Size int // stored bytes
+}
+
+// Append stores every entry of m in one synced commit and returns once it
+// is durable. If (m.Sender, m.ClientMsgID) was accepted before (within the
+// TTL), it returns the original Accepted with Duplicate set and stores
+// nothing. If a recipient device would go over MaxDepth or MaxBytes, it
+// returns a *FullError (errors.Is ErrInboxFull) and stores nothing for any
+// recipient. m.Entries must not change until Append returns.
+func (s *Store) Append(ctx context.Context, m Send) (Accepted, error) {
+	if len(m.Entries) == 0 {
+		return Accepted{}, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: send has no entries")
+	}
+	vals, err := marshalEntries(m.Entries)
+	if err != nil {
+		return Accepted{}, err
+	}
+	var acc Accepted
+	err = s.do(ctx, true, func(g *group) (err error) {
+		acc, err = g.append(&m, vals)
+		return err
+	})
+	if err != nil {
+		return Accepted{}, err
+	}
+	return acc, nil
+}
+
+// Ack deletes the entries ids of dev; ids that are not present are ignored
+// (acks are idempotent). For each id it actually deletes, the entries in
+// follow[id] (receipts to the sender's devices) are appended in the same
+// batch, with ids and time but no seq and without quota checks. It returns
+// the deleted ids. The commit is not synced on its own: losing an ack in a
+// crash only causes a redelivery, which devices drop by id, and the receipt
+// is lost or kept together with the delete.
+func (s *Store) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]Entry) ([]uint64, error) {
+	vals := make(map[uint64][][]byte, len(follow))
+	for id, es := range follow {
+		v, err := marshalEntries(es)
+		if err != nil {
+			return nil, err
+		}
+		vals[id] = v
+	}
+	var deleted []uint64
+	err := s.do(ctx, false, func(g *group) (err error) {
+		deleted, err = g.ack(dev, ids, follow, vals)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return deleted, nil
+}
+
+// DeleteDevice removes every entry, the meta and the dedup records of dev,
+// in one synced commit. A later Append to dev starts again at id 1, so the
+// caller must not reuse a deleted device's id (the account layer never does).
+func (s *Store) DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error {
+	return s.do(ctx, true, func(g *group) error { return g.deleteDevice(dev) })
+}
+
+// Lookup reports the original result of the send (sender, clientMsgID), if
+// it was accepted within the TTL. It only reads; Append does the same check
+// itself.
+func (s *Store) Lookup(ctx context.Context, sender wire.DeviceAddr, clientMsgID string) (Accepted, bool, error) {
+	if err := s.readable(ctx); err != nil {
+		return Accepted{}, false, err
+	}
+	rec := &storepb.SendRecord{}
+	found, err := s.getProto(dedupKey(sender, clientMsgID), rec)
+	if err != nil || !found || s.expired(rec.ServerTimeMs, s.nowMs()) {
+		return Accepted{}, false, err
+	}
+	return duplicateOf(rec), true, nil
+}
+
+// Range returns up to limit entries of dev with id > after, in ascending
+// id order. Expired entries are skipped even before the sweep removes them.
+func (s *Store) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]Item, error) {
+	if err := s.readable(ctx); err != nil {
+		return nil, err
+	}
+	if limit <= 0 || after == math.MaxUint64 {
+		return nil, nil
+	}
+	it, err := s.db.NewIter(&pebble.IterOptions{
+		LowerBound: entryKey(dev, after+1),
+		UpperBound: prefixEnd(devPrefix(prefixInbox, dev)),
+	})
+	if err != nil {
+		return nil, storageErr("range", err)
+	}
+	defer it.Close()
+	now := s.nowMs()
+	var items []Item
+	for ok := it.First(); ok && len(items) < limit; ok = it.Next() {
+		v, err := it.ValueAndErr()
+		if err != nil {
+			return nil, storageErr("range", err)
+		}
+		if s.expired(envTime(v), now) {
+			continue
+		}
+		env := &wirepb.Envelope{}
+		if err := proto.Unmarshal(v, env); err != nil {
+			return nil, storageErr("range: decode", err)
+		}
+		items = append(items, Item{ID: entryID(it.Key()), Env: env, Size: len(v)})
+	}
+	if err := it.Error(); err != nil {
+		return nil, storageErr("range", err)
+	}
+	return items, nil
+}
+
+// Get returns entry id of dev, or ErrNotFound if it is absent or expired.
+func (s *Store) Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (*wirepb.Envelope, error) {
+	if err := s.readable(ctx); err != nil {
+		return nil, err
+	}
+	env := &wirepb.Envelope{}
+	found, err := s.getProto(entryKey(dev, id), env)
+	if err != nil {
+		return nil, err
+	}
+	if !found || s.expired(env.ServerTimeMs, s.nowMs()) {
+		return nil, ErrNotFound
+	}
+	return env, nil
+}
+
+// Depth returns how many entries dev holds and their stored bytes, counting
+// expired entries the sweep has not removed yet.
+func (s *Store) Depth(ctx context.Context, dev wire.DeviceAddr) (count uint64, bytes uint64, err error) {
+	if err := s.readable(ctx); err != nil {
+		return 0, 0, err
+	}
+	meta := &storepb.InboxMeta{}
+	if _, err := s.getProto(metaKey(dev), meta); err != nil {
+		return 0, 0, err
+	}
+	return meta.Count, meta.Bytes, nil
+}
+
+// readable reports whether a read may run.
+func (s *Store) readable(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	select {
+	case <-s.quit:
+		return ErrClosed
+	default:
+		return nil
+	}
+}
+
+// getProto reads key into m; found is false if the key is absent.
+func (s *Store) getProto(key []byte, m proto.Message) (found bool, err error) {
+	v, closer, err := s.db.Get(key)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, storageErr("get", err)
+	}
+	defer closer.Close()
+	if err := proto.Unmarshal(v, m); err != nil {
+		return false, storageErr("decode", err)
+	}
+	return true, nil
+}
+
+func (s *Store) nowMs() int64 { return s.o.Now().UnixMilli() }
+
+// expired reports whether something stored at timeMs is past the TTL at nowMs.
+func (s *Store) expired(timeMs, nowMs int64) bool { return timeMs+s.ttlMs <= nowMs }
+
+func duplicateOf(rec *storepb.SendRecord) Accepted {
+	return Accepted{Seq: rec.Seq, ServerTime: time.UnixMilli(rec.ServerTimeMs), Duplicate: true}
+}
+
+func storageErr(what string, err error) error {
+	return fmt.Errorf("%w: %s: %w", ErrStorage, what, err)
+}
+
+// marshalEntries marshals each entry's envelope as the caller gave it. The
+// committer appends Id, Seq and ServerTimeMs (see withServerFields), so the
+// expensive part runs on the caller's goroutine, not the committer's.
+func marshalEntries(es []Entry) ([][]byte, error) {
+	vals := make([][]byte, len(es))
+	for i, e := range es {
+		if e.Env == nil {
+			return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: entry %d for %s has no envelope", i, e.To)
+		}
+		v, err := proto.Marshal(e.Env)
+		if err != nil {
+			return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: entry %d for %s does not encode", i, e.To)
+		}
+		vals[i] = v
+	}
+	return vals, nil
+}

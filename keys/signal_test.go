@@ -1,0 +1,23 @@
+package keys
+
+import (
+	"testing"
+
+	"go.mau.fi/libsignal/logger"
+)
+
+func TestSignalLoggerInstalled(t *testing.T) {
+	if _, ok := logger.Logger.(quietSignalLogger); !ok {
+		t.Fatalf("libsignal logger is %T, want quietSignalLogger", logger.Logger)
+	}
+}
+
+// TestProtect: a panic inside a libsignal call becomes an error.
+func TestProtect(t *testing.T) {
+	if err := protect(func() { panic("boom") }); err == nil {
+		t.Fatal("panic not turned into an error")
+	}
+	if err := protect(func() {}); err != nil {
+		t.Fatal(err)
+	}
+}

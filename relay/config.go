@@ -1,0 +1,73 @@
+package relay
+
+import (
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Config of the gateway. Each field's zero value means the default given in
+// its comment.
+type Config struct {
+	// MaxFrameBytes is the largest client frame answered with a typed
+	// FRAME_TOO_LARGE error; frames over 4x this are cut off with close
+	// code 1009. 0 = 2 MiB.
+	MaxFrameBytes int
+	// MaxMessageBytes is the largest single ciphertext in a Send. 0 = 256 KiB.
+	MaxMessageBytes int
+	// MaxCiphertexts is the most device ciphertexts in one Send. 0 = 64.
+	MaxCiphertexts int
+	// MaxPrekeysPerUpload is announced in Welcome (the prekey directory
+	// enforces it). 0 = 100.
+	MaxPrekeysPerUpload int
+	// DeliveryWindow is how many envelopes may be in flight (unacked) per
+	// connection. 0 = 64.
+	DeliveryWindow int
+	// MaxInflightRequests per connection; the reader stops reading when
+	// reached. 0 = 32.
+	MaxInflightRequests int
+	// HandshakeTimeout bounds Hello + Register/Auth. 0 = 10s.
+	HandshakeTimeout time.Duration
+	// PingInterval is how often the server pings; a connection with no pong
+	// or frame for 2 intervals is dead. 0 = 30s.
+	PingInterval time.Duration
+	// WriteTimeout bounds each socket write, and how long a response may
+	// wait for room in a full send queue before the client is dropped as a
+	// slow consumer. 0 = 10s.
+	WriteTimeout time.Duration
+	// AllowedOrigins lists browser origins allowed to connect. Requests
+	// without an Origin header (native apps) are always allowed. Empty =
+	// same host only.
+	AllowedOrigins []string
+	// Registerer for metrics; nil = none.
+	Registerer prometheus.Registerer
+	// Logger; nil = slog.Default(). Ferry never logs content, keys or
+	// signatures; ids are logged in short form.
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&c.MaxFrameBytes, 2<<20)
+	def(&c.MaxMessageBytes, 256<<10)
+	def(&c.MaxCiphertexts, 64)
+	def(&c.MaxPrekeysPerUpload, 100)
+	def(&c.DeliveryWindow, 64)
+	def(&c.MaxInflightRequests, 32)
+	defd := func(v *time.Duration, d time.Duration) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	defd(&c.HandshakeTimeout, 10*time.Second)
+	defd(&c.PingInterval, 30*time.Second)
+	defd(&c.WriteTimeout, 10*time.Second)
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}

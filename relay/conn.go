@@ -1,0 +1,427 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ferryhq/ferry/wire"
+	"github.com/ferryhq/ferry/wire/wirepb"
+	"github.com/gorilla/websocket"
+	"google.golang.org/protobuf/proto"
+)
+
+// Connection states, advanced only by the reader.
+const (
+	stateNew    = iota // waiting for Hello
+	stateHello         // waiting for Register or Auth
+	stateAuthed        // serving requests
+)
+
+// maxBadFrames is how many consecutive undecodable or out-of-order frames a
+// connection may send before it is closed with CloseProtocolError.
+const maxBadFrames = 16
+
+// conn is one WebSocket. The reader (run/readLoop) owns the protocol state
+// and dispatches requests; writeLoop owns every write to the socket; the
+// delivery loop (pump) hands inbox entries over within the window.
+type conn struct {
+	// static after construction
+	s      *Server
+	ws     *websocket.Conn
+	remote string
+	ctx    context.Context // canceled when the connection is closing
+	cancel context.CancelFunc
+	out    chan []byte   // encoded frames for writeLoop; bounded
+	wakeCh chan struct{} // capacity 1: "the inbox may have changed"
+
+	// owned by the reader
+	state     int
+	challenge []byte
+	badFrames int
+
+	// set by the reader before any handler or the pump starts, read-only after
+	addr     wire.DeviceAddr
+	sendOnly bool
+
+	closeOnce   sync.Once
+	closeCode   int    // written once in close, read by writeLoop after ctx.Done
+	closeReason string // same
+
+	mu       sync.Mutex
+	inflight map[uint64]delivered // guarded by mu: handed over, not yet acked
+
+	handlers sync.WaitGroup
+	sem      chan struct{} // bounds concurrent request handlers
+	pumpDone chan struct{}
+}
+
+// delivered is what the ack path needs to know of a handed-over envelope.
+type delivered struct {
+	sender       string
+	senderDevice uint32
+	to           string
+	seq          uint64
+	clientMsgID  string
+	typ          wirepb.EnvelopeType
+}
+
+func newConn(s *Server, ws *websocket.Conn, remote string) *conn {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &conn{
+		s:        s,
+		ws:       ws,
+		remote:   remote,
+		ctx:      ctx,
+		cancel:   cancel,
+		out:      make(chan []byte, s.cfg.DeliveryWindow+s.cfg.MaxInflightRequests+8),
+		wakeCh:   make(chan struct{}, 1),
+		inflight: make(map[uint64]delivered),
+		sem:      make(chan struct{}, s.cfg.MaxInflightRequests),
+	}
+}
+
+// close starts closing the connection with a close code and reason. The
+// first call wins. Frames already queued are still written first.
+func (c *conn) close(code int, reason string) {
+	c.closeOnce.Do(func() {
+		c.closeCode, c.closeReason = code, reason
+		c.s.metrics.closes.WithLabelValues(strconv.Itoa(code)).Inc()
+		c.cancel()
+	})
+}
+
+// closeSocketNow writes the close frame and closes, for a connection whose
+// loops never started.
+func (c *conn) closeSocketNow() {
+	_ = c.ws.WriteControl(websocket.CloseMessage,
+		websocket.FormatCloseMessage(c.closeCode, c.closeReason), time.Now().Add(time.Second))
+	_ = c.ws.Close()
+}
+
+// nudge wakes the delivery loop without blocking.
+func (c *conn) nudge() {
+	select {
+	case c.wakeCh <- struct{}{}:
+	default:
+	}
+}
+
+func (c *conn) run() {
+	m := c.s.metrics
+	m.conns.Inc()
+	defer m.conns.Dec()
+
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		c.writeLoop()
+	}()
+
+	c.readLoop()
+	c.close(websocket.CloseNormalClosure, "")
+	c.handlers.Wait()
+	if c.state == stateAuthed {
+		m.authed.Dec()
+		if !c.sendOnly {
+			c.s.hub.unregister(c.addr, c)
+			<-c.pumpDone
+		}
+	}
+	<-writerDone
+}
+
+func (c *conn) readLoop() {
+	cfg := &c.s.cfg
+	c.ws.SetReadLimit(int64(4 * cfg.MaxFrameBytes))
+	_ = c.ws.SetReadDeadline(time.Now().Add(cfg.HandshakeTimeout))
+	c.ws.SetPongHandler(func(string) error {
+		if c.state == stateAuthed {
+			return c.ws.SetReadDeadline(time.Now().Add(2*cfg.PingInterval + cfg.WriteTimeout))
+		}
+		return nil
+	})
+	for {
+		typ, r, err := c.ws.NextReader()
+		if err != nil {
+			c.readFailed(err)
+			return
+		}
+		if c.state == stateAuthed {
+			_ = c.ws.SetReadDeadline(time.Now().Add(2*cfg.PingInterval + cfg.WriteTimeout))
+		}
+		if typ != websocket.BinaryMessage {
+			_, _ = io.Copy(io.Discard, r)
+			if !c.badFrame(0, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "text frames are not part of the protocol")) {
+				return
+			}
+			continue
+		}
+		b, err := io.ReadAll(io.LimitReader(r, int64(cfg.MaxFrameBytes)+1))
+		if err != nil {
+			c.readFailed(err)
+			return
+		}
+		if len(b) > cfg.MaxFrameBytes {
+			if _, err := io.Copy(io.Discard, r); err != nil {
+				c.readFailed(err)
+				return
+			}
+			c.s.metrics.rejected.WithLabelValues("frame_too_large").Inc()
+			if !c.badFrame(0, wire.Errorf(wirepb.ErrorCode_FRAME_TOO_LARGE,
+				"frame is over the limit of %d bytes", cfg.MaxFrameBytes)) {
+				return
+			}
+			continue
+		}
+		f, err := wire.DecodeClientFrame(b, 0)
+		if err != nil {
+			if !c.badFrame(f.GetId(), err) {
+				return
+			}
+			continue
+		}
+		if !c.dispatch(f) {
+			return
+		}
+	}
+}
+
+func (c *conn) readFailed(err error) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, websocket.ErrReadLimit):
+		c.s.metrics.rejected.WithLabelValues("read_limit").Inc()
+		c.close(websocket.CloseMessageTooBig, "frame too large")
+	case errors.As(err, &ne) && ne.Timeout():
+		if c.state == stateAuthed {
+			c.close(wire.ClosePingTimeout, "no pong")
+		} else {
+			c.close(wire.CloseHandshakeTimeout, "handshake took too long")
+		}
+	default:
+		c.close(websocket.CloseNormalClosure, "")
+	}
+}
+
+// badFrame answers a frame that could not be served and reports whether the
+// connection stays open.
+func (c *conn) badFrame(id uint64, err error) bool {
+	c.badFrames++
+	c.respondErr(id, "invalid", err)
+	if c.badFrames >= maxBadFrames {
+		c.close(wire.CloseProtocolError, "too many bad frames")
+		return false
+	}
+	return true
+}
+
+// dispatch serves one decoded frame. Handshake frames are served inline;
+// requests after auth run concurrently, bounded by sem.
+func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
+	switch c.state {
+	case stateNew:
+		h, ok := f.Body.(*wirepb.ClientFrame_Hello)
+		if !ok {
+			return c.badFrame(f.Id, wire.Errorf(wirepb.ErrorCode_UNEXPECTED_FRAME, "the first frame must be Hello"))
+		}
+		return c.hello(f.Id, h.Hello)
+	case stateHello:
+		switch b := f.Body.(type) {
+		case *wirepb.ClientFrame_Register:
+			return c.register(f.Id, b.Register)
+		case *wirepb.ClientFrame_Auth:
+			return c.auth(f.Id, b.Auth)
+		default:
+			return c.badFrame(f.Id, wire.Errorf(wirepb.ErrorCode_UNEXPECTED_FRAME, "authenticate first (Register or Auth)"))
+		}
+	}
+	switch f.Body.(type) {
+	case *wirepb.ClientFrame_Hello, *wirepb.ClientFrame_Register, *wirepb.ClientFrame_Auth:
+		return c.badFrame(f.Id, wire.Errorf(wirepb.ErrorCode_UNEXPECTED_FRAME, "already authenticated"))
+	}
+	c.badFrames = 0
+	select {
+	case c.sem <- struct{}{}:
+	case <-c.ctx.Done():
+		return false
+	}
+	c.handlers.Add(1)
+	go func() {
+		defer func() {
+			<-c.sem
+			c.handlers.Done()
+		}()
+		c.serve(f)
+	}()
+	return true
+}
+
+// startDelivery registers the device's receiving connection and starts the
+// delivery loop. Called by the reader once authenticated.
+func (c *conn) startDelivery() {
+	c.s.metrics.authed.Inc()
+	if c.sendOnly {
+		return
+	}
+	if old := c.s.hub.register(c.addr, c); old != nil {
+		old.close(wire.CloseReplaced, "replaced by a newer connection of this device")
+	}
+	c.pumpDone = make(chan struct{})
+	go c.pump()
+}
+
+// pump hands the inbox over in id order, at most DeliveryWindow unacked at a
+// time. The inbox is the source of truth: the loop re-reads it after every
+// wake-up, so a lost wake-up delays nothing past the next ack or append.
+func (c *conn) pump() {
+	defer close(c.pumpDone)
+	window := c.s.cfg.DeliveryWindow
+	var cursor uint64
+	queueEmptySent := false
+	for {
+		c.mu.Lock()
+		room := window - len(c.inflight)
+		c.mu.Unlock()
+		if room > 0 {
+			items, err := c.s.deps.Inbox.Range(c.ctx, c.addr, cursor, room)
+			if err != nil {
+				if c.ctx.Err() == nil {
+					c.s.log.Error("relay: inbox range failed", "device", c.addr.String(), "err", err)
+					c.close(wire.CloseInternal, "storage error")
+				}
+				return
+			}
+			for _, it := range items {
+				e := it.Env
+				c.mu.Lock()
+				c.inflight[it.ID] = delivered{sender: e.Sender, senderDevice: e.SenderDevice, to: e.To,
+					seq: e.Seq, clientMsgID: e.ClientMsgId, typ: e.Type}
+				c.mu.Unlock()
+				if !c.sendEvent(&wirepb.Event{Body: &wirepb.Event_Envelope{Envelope: e}}) {
+					return
+				}
+				c.s.metrics.delivered.Inc()
+				cursor = it.ID
+			}
+			if len(items) < room && !queueEmptySent {
+				queueEmptySent = true
+				c.s.metrics.queueEmpty.Inc()
+				if !c.sendEvent(&wirepb.Event{Body: &wirepb.Event_QueueEmpty{QueueEmpty: &wirepb.QueueEmpty{}}}) {
+					return
+				}
+			}
+		}
+		select {
+		case <-c.wakeCh:
+		case <-c.ctx.Done():
+			return
+		}
+	}
+}
+
+// writeLoop owns the socket's write side: frames, pings, and the final
+// close frame.
+func (c *conn) writeLoop() {
+	cfg := &c.s.cfg
+	ping := time.NewTicker(cfg.PingInterval)
+	defer ping.Stop()
+	for {
+		select {
+		case b := <-c.out:
+			if err := c.write(b); err != nil {
+				c.close(websocket.CloseAbnormalClosure, "write failed")
+				_ = c.ws.Close()
+				return
+			}
+		case <-ping.C:
+			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(cfg.WriteTimeout)); err != nil {
+				c.close(websocket.CloseAbnormalClosure, "write failed")
+				_ = c.ws.Close()
+				return
+			}
+		case <-c.ctx.Done():
+			// Frames queued before the close (an error response owed before
+			// a close code, say) go first.
+			for done := false; !done; {
+				select {
+				case b := <-c.out:
+					if c.write(b) != nil {
+						done = true
+					}
+				default:
+					done = true
+				}
+			}
+			c.closeSocketNow()
+			return
+		}
+	}
+}
+
+func (c *conn) write(b []byte) error {
+	if err := c.ws.SetWriteDeadline(time.Now().Add(c.s.cfg.WriteTimeout)); err != nil {
+		return err
+	}
+	return c.ws.WriteMessage(websocket.BinaryMessage, b)
+}
+
+// enqueue queues an encoded frame for the writer. If the queue stays full
+// for WriteTimeout the client is not reading: it is disconnected as a slow
+// consumer (everything it missed is still in its inbox).
+func (c *conn) enqueue(b []byte) bool {
+	select {
+	case c.out <- b:
+		return true
+	case <-c.ctx.Done():
+		return false
+	default:
+	}
+	t := time.NewTimer(c.s.cfg.WriteTimeout)
+	defer t.Stop()
+	select {
+	case c.out <- b:
+		return true
+	case <-c.ctx.Done():
+		return false
+	case <-t.C:
+		c.s.metrics.rejected.WithLabelValues("slow_consumer").Inc()
+		c.close(wire.CloseSlowConsumer, "client did not read in time")
+		return false
+	}
+}
+
+// tryEnqueue queues a best-effort frame only if there is room now.
+func (c *conn) tryEnqueue(b []byte) {
+	select {
+	case c.out <- b:
+	default:
+	}
+}
+
+func (c *conn) sendEvent(e *wirepb.Event) bool {
+	b, err := proto.Marshal(&wirepb.ServerFrame{Body: &wirepb.ServerFrame_Event{Event: e}})
+	if err != nil {
+		return false
+	}
+	return c.enqueue(b)
+}
+
+func (c *conn) respond(r *wirepb.Response) {
+	b, err := proto.Marshal(&wirepb.ServerFrame{Body: &wirepb.ServerFrame_Response{Response: r}})
+	if err != nil {
+		c.s.log.Error("relay: marshal response", "err", err)
+		return
+	}
+	c.enqueue(b)
+}
+
+func (c *conn) respondErr(id uint64, kind string, err error) {
+	we := c.s.toWire(err)
+	c.s.metrics.requests.WithLabelValues(kind, we.Code.String()).Inc()
+	c.respond(&wirepb.Response{Id: id, Error: we.Proto()})
+}

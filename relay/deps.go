@@ -1,0 +1,41 @@
+package relay
+
+import (
+	"context"
+
+	"github.com/ferryhq/ferry/inbox"
+	"github.com/ferryhq/ferry/store/storepb"
+	"github.com/ferryhq/ferry/wire"
+	"github.com/ferryhq/ferry/wire/wirepb"
+)
+
+// Accounts is what the relay needs of the device store.
+type Accounts interface {
+	Register(ctx context.Context, username string, signingKey []byte, registrationID uint32) (*storepb.Device, error)
+	Account(ctx context.Context, username string) (*storepb.Account, error)
+	Device(ctx context.Context, addr wire.DeviceAddr) (*storepb.Device, error)
+}
+
+// Prekeys is what the relay needs of the prekey directory.
+type Prekeys interface {
+	Upload(ctx context.Context, dev wire.DeviceAddr, up *wirepb.UploadKeys) (int, error)
+	Claim(ctx context.Context, requester wire.DeviceAddr, account string, deviceIDs []uint32) ([]*wirepb.PreKeyBundle, error)
+	Count(ctx context.Context, dev wire.DeviceAddr) (int, bool, error)
+	LowThreshold() int
+}
+
+// Inbox is what the relay needs of the inbox store.
+type Inbox interface {
+	Append(ctx context.Context, m inbox.Send) (inbox.Accepted, error)
+	Lookup(ctx context.Context, sender wire.DeviceAddr, clientMsgID string) (inbox.Accepted, bool, error)
+	Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]inbox.Item, error)
+	Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (*wirepb.Envelope, error)
+	Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]inbox.Entry) ([]uint64, error)
+}
+
+// Deps are the stores the relay serves from.
+type Deps struct {
+	Accounts Accounts
+	Prekeys  Prekeys
+	Inbox    Inbox
+}

@@ -1,0 +1,55 @@
+package relay
+
+import (
+	"log/slog"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type metrics struct {
+	conns      prometheus.Gauge
+	authed     prometheus.Gauge
+	requests   *prometheus.CounterVec // by request type and result code
+	rejected   *prometheus.CounterVec // by reason
+	closes     *prometheus.CounterVec // by close code name
+	sendAck    prometheus.Histogram   // Send received -> ✓ written to the queue
+	delivered  prometheus.Counter
+	acked      prometheus.Counter
+	receipts   prometheus.Counter
+	queueEmpty prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		conns: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ferry_relay_connections",
+			Help: "Open WebSocket connections."}),
+		authed: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ferry_relay_authenticated_connections",
+			Help: "Authenticated connections."}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_relay_requests_total",
+			Help: "Requests by type and result code."}, []string{"type", "code"}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_relay_rejected_total",
+			Help: "Frames or connections rejected, by reason."}, []string{"reason"}),
+		closes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_relay_closes_total",
+			Help: "Connections closed by the server, by close code."}, []string{"code"}),
+		sendAck: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "ferry_relay_send_ack_seconds",
+			Help:    "Time from a Send frame read to its ✓ response queued (includes the synced commit).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		delivered: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_envelopes_delivered_total",
+			Help: "Envelopes written to device connections (redeliveries included)."}),
+		acked: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_envelopes_acked_total",
+			Help: "Envelopes deleted by device acks."}),
+		receipts: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_receipts_total",
+			Help: "Delivered receipts queued for senders."}),
+		queueEmpty: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_queue_empty_total",
+			Help: "QueueEmpty events sent."}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.conns, m.authed, m.requests, m.rejected, m.closes, m.sendAck,
+			m.delivered, m.acked, m.receipts, m.queueEmpty)
+	}
+	return m
+}
+
+// logger wraps slog; it exists so that every log line about a device uses
+// the same short, content-free form.
+type logger struct{ *slog.Logger }

@@ -1,0 +1,151 @@
+// Package relay is Ferry's WebSocket gateway: handshake and device auth,
+// one reader and one writer goroutine per connection, delivery of inbox
+// entries with a bounded in-flight window, and the send path that keeps the
+// design invariants (persist before ✓, device-set check, dedup, sequence).
+package relay
+
+import (
+	"context"
+	"crypto/rand"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ferryhq/ferry/wire"
+	"github.com/gorilla/websocket"
+)
+
+// Server is the gateway. Create with New, mount Handler, stop with Shutdown.
+type Server struct {
+	// static after construction
+	cfg      Config
+	deps     Deps
+	hub      *hub
+	metrics  *metrics
+	upgrader websocket.Upgrader
+	log      logger
+
+	draining atomic.Bool
+
+	mu    sync.Mutex
+	conns map[*conn]struct{} // guarded by mu: every open connection
+	wg    sync.WaitGroup     // one per open connection
+}
+
+// New makes a gateway over the given stores.
+func New(cfg Config, deps Deps) *Server {
+	cfg.setDefaults()
+	s := &Server{
+		cfg:     cfg,
+		deps:    deps,
+		hub:     newHub(),
+		metrics: newMetrics(cfg.Registerer),
+		conns:   make(map[*conn]struct{}),
+		log:     logger{cfg.Logger},
+	}
+	s.upgrader = websocket.Upgrader{
+		ReadBufferSize:  1024,
+		WriteBufferSize: 1024,
+		// Write buffers are pooled between writes instead of held per
+		// connection: idle sockets are the common case.
+		WriteBufferPool: &sync.Pool{},
+		CheckOrigin:     s.checkOrigin,
+	}
+	return s
+}
+
+// OnAppend is the inbox's commit hook: it wakes the delivery loops of the
+// devices that got new entries. Wire it into inbox.Options.OnAppend.
+func (s *Server) OnAppend(devs []wire.DeviceAddr) { s.hub.wake(devs) }
+
+// Handler serves the WebSocket endpoint at wire.Path.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc(wire.Path, s.serveWS)
+	return mux
+}
+
+// Ready reports whether the server accepts new connections.
+func (s *Server) Ready() bool { return !s.draining.Load() }
+
+func (s *Server) checkOrigin(r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return true // native clients send none
+	}
+	for _, o := range s.cfg.AllowedOrigins {
+		if o == "*" || strings.EqualFold(o, origin) {
+			return true
+		}
+	}
+	u, err := url.Parse(origin)
+	return err == nil && strings.EqualFold(u.Host, r.Host)
+}
+
+func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
+	if s.draining.Load() {
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "server is shutting down", http.StatusServiceUnavailable)
+		return
+	}
+	ws, err := s.upgrader.Upgrade(w, r, nil)
+	if err != nil {
+		s.metrics.rejected.WithLabelValues("upgrade").Inc()
+		return // the upgrader already answered
+	}
+	c := newConn(s, ws, r.RemoteAddr)
+	s.mu.Lock()
+	if s.draining.Load() {
+		s.mu.Unlock()
+		c.close(wire.CloseServerShutdown, "server is shutting down")
+		c.closeSocketNow()
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		s.wg.Done()
+	}()
+	c.run()
+}
+
+// Shutdown stops accepting connections, tells every client to reconnect
+// (close code 4100), and waits until in-flight requests — including commits
+// whose ✓ is owed — are answered, or ctx ends.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.draining.Store(true)
+	s.mu.Lock()
+	all := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		all = append(all, c)
+	}
+	s.mu.Unlock()
+	for _, c := range all {
+		c.close(wire.CloseServerShutdown, "server is restarting; reconnect with jitter")
+	}
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func newChallenge() []byte {
+	b := make([]byte, wire.ChallengeSize)
+	if _, err := rand.Read(b); err != nil {
+		panic("relay: no randomness: " + err.Error())
+	}
+	return b
+}
+
+func nowMs() int64 { return time.Now().UnixMilli() }
