@@ -141,7 +141,7 @@ func (c *conn) readLoop() {
 	_ = c.ws.SetReadDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	c.ws.SetPongHandler(func(string) error {
 		if c.state == stateAuthed {
-			return c.ws.SetReadDeadline(time.Now().Add(2*cfg.PingInterval + cfg.WriteTimeout))
+			return c.ws.SetReadDeadline(time.Now().Add(2*cfg.PingInterval))
 		}
 		return nil
 	})
@@ -152,7 +152,7 @@ func (c *conn) readLoop() {
 			return
 		}
 		if c.state == stateAuthed {
-			_ = c.ws.SetReadDeadline(time.Now().Add(2*cfg.PingInterval + cfg.WriteTimeout))
+			_ = c.ws.SetReadDeadline(time.Now().Add(2*cfg.PingInterval))
 		}
 		if typ != websocket.BinaryMessage {
 			_, _ = io.Copy(io.Discard, r)
@@ -265,6 +265,8 @@ func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
 // delivery loop. Called by the reader once authenticated.
 func (c *conn) startDelivery() {
 	c.s.metrics.authed.Inc()
+	// From now on the peer must answer pings (or send frames).
+	_ = c.ws.SetReadDeadline(time.Now().Add(2 * c.s.cfg.PingInterval))
 	if c.sendOnly {
 		return
 	}

@@ -19,6 +19,9 @@ import (
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
+	"github.com/gorilla/websocket"
+	"go.mau.fi/libsignal/ecc"
+	"google.golang.org/protobuf/proto"
 )
 
 // env is a relay over in-memory stores behind an httptest server.
@@ -388,5 +391,117 @@ func TestShutdownTellsClientsToReconnect(t *testing.T) {
 	}
 	if e.srv.Ready() {
 		t.Fatal("ready while draining")
+	}
+}
+
+// A peer that stops answering pings is dropped within two ping intervals.
+func TestDeadPeerIsDetected(t *testing.T) {
+	e := newEnv(t, Config{PingInterval: 50 * time.Millisecond})
+	bob, _ := e.register("bob")
+	// A raw socket that authenticates and then never reads (so never pongs).
+	raw, _, err := websocket.DefaultDialer.Dial(e.url()+wire.Path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	hello, _ := proto.Marshal(&wirepb.ClientFrame{Id: 1, Body: &wirepb.ClientFrame_Hello{Hello: &wirepb.Hello{MinVersion: 1, MaxVersion: 1}}})
+	if err := raw.WriteMessage(websocket.BinaryMessage, hello); err != nil {
+		t.Fatal(err)
+	}
+	_, b, err := raw.ReadMessage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var f wirepb.ServerFrame
+	if err := proto.Unmarshal(b, &f); err != nil {
+		t.Fatal(err)
+	}
+	ch := f.GetResponse().GetWelcome().GetChallenge()
+	sig := ed25519.Sign(bob.key, wire.AuthMessage(ch, "bob", 1))
+	authF, _ := proto.Marshal(&wirepb.ClientFrame{Id: 2, Body: &wirepb.ClientFrame_Auth{Auth: &wirepb.Auth{Username: "bob", DeviceId: 1, Signature: sig}}})
+	if err := raw.WriteMessage(websocket.BinaryMessage, authF); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	raw.SetPingHandler(func(string) error { return nil }) // swallow pings: no pong
+	var closeErr *websocket.CloseError
+	for {
+		_ = raw.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, _, err := raw.ReadMessage(); err != nil {
+			if !errors.As(err, &closeErr) {
+				t.Fatalf("read: %v", err)
+			}
+			break
+		}
+	}
+	if closeErr.Code != wire.ClosePingTimeout {
+		t.Fatalf("closed with %d, want %d", closeErr.Code, wire.ClosePingTimeout)
+	}
+	t.Logf("dropped after %v (ping interval 50ms)", time.Since(start))
+}
+
+// uploadKeys uploads an identity key, a signed prekey and n one-time prekeys.
+func uploadKeys(t *testing.T, c *client.Conn, n int) {
+	t.Helper()
+	ident, _ := ecc.GenerateKeyPair()
+	spk, _ := ecc.GenerateKeyPair()
+	sig := ecc.CalculateSignature(ident.PrivateKey(), spk.PublicKey().Serialize())
+	up := &wirepb.UploadKeys{IdentityKey: ident.PublicKey().Serialize(),
+		SignedPrekey: &wirepb.SignedPreKey{Id: 1, PublicKey: spk.PublicKey().Serialize(), Signature: sig[:]}}
+	for i := range n {
+		k, _ := ecc.GenerateKeyPair()
+		up.OneTimePrekeys = append(up.OneTimePrekeys, &wirepb.PreKey{Id: uint32(i + 1), PublicKey: k.PublicKey().Serialize()})
+	}
+	if _, err := c.Do(ctx(t), &wirepb.ClientFrame{Body: &wirepb.ClientFrame_UploadKeys{UploadKeys: up}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Claims hand each one-time prekey out once, fill in registration ids, and
+// tell the claimed device (if connected) when it runs low.
+func TestClaimAndPrekeysLow(t *testing.T) {
+	e := newEnv(t, Config{})
+	_, ac := e.register("alice")
+	bob, bc := e.register("bob")
+	uploadKeys(t, bc, 11) // threshold is 10
+	seen := map[uint32]bool{}
+	for i := range 3 {
+		r, err := ac.Do(ctx(t), &wirepb.ClientFrame{Body: &wirepb.ClientFrame_ClaimBundles{ClaimBundles: &wirepb.ClaimBundles{Username: "bob"}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		bs := r.GetClaimBundles().GetBundles()
+		if len(bs) != 1 || bs[0].DeviceId != 1 || bs[0].RegistrationId != bob.reg || bs[0].OneTimePrekey == nil {
+			t.Fatalf("claim %d: %v", i, bs)
+		}
+		if seen[bs[0].OneTimePrekey.Id] {
+			t.Fatalf("one-time prekey %d handed out twice", bs[0].OneTimePrekey.Id)
+		}
+		seen[bs[0].OneTimePrekey.Id] = true
+	}
+	low := nextEvent(t, bc, (*wirepb.Event).GetPrekeysLow, func(p *wirepb.PrekeysLow) bool { return p == nil })
+	if low.OneTimePrekeys != 9 && low.OneTimePrekeys != 8 {
+		t.Fatalf("PrekeysLow says %d left", low.OneTimePrekeys)
+	}
+	_, err := ac.Do(ctx(t), &wirepb.ClientFrame{Body: &wirepb.ClientFrame_ClaimBundles{ClaimBundles: &wirepb.ClaimBundles{Username: "bob", DeviceIds: []uint32{5}}}})
+	if !errors.Is(err, wire.ErrUnknownDevice) {
+		t.Fatalf("claim of unknown device: %v", err)
+	}
+}
+
+// A connection that does not finish the handshake in time is closed with
+// 4102 (reconnect allowed).
+func TestHandshakeTimeout(t *testing.T) {
+	e := newEnv(t, Config{HandshakeTimeout: 100 * time.Millisecond})
+	raw, _, err := websocket.DefaultDialer.Dial(e.url()+wire.Path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	_ = raw.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, _, err = raw.ReadMessage()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != wire.CloseHandshakeTimeout {
+		t.Fatalf("got %v, want close %d", err, wire.CloseHandshakeTimeout)
 	}
 }

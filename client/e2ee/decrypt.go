@@ -2,6 +2,7 @@ package e2ee
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -82,44 +83,53 @@ func decryptPreKey(ctx context.Context, ss *sigStore, addr *protocol.SignalAddre
 
 // decryptWithRecord decrypts m with the current state of rec or, failing
 // that, with one of its previous states, which then becomes current. Each
-// attempt works on its own copy of rec; the returned record is the copy that
-// succeeded (rec itself is not modified).
+// attempt works on its own deep copy of a state, so rec is never modified
+// and a failed attempt leaves no trace; the result is a new record.
 func decryptWithRecord(ctx context.Context, cipher *session.Cipher, rec *record.Session, m *protocol.SignalMessage) (*record.Session, []byte, error) {
-	snapshot := rec.Serialize()
-	fresh := func() (*record.Session, error) {
-		return record.NewSessionFromBytes(snapshot, ser.Session, ser.State)
+	base := rec.Structure() // read-only from here on
+	try := func(s *record.StateStructure) (st *record.State, pt []byte, err error) {
+		if err := safe(func() error {
+			var err error
+			st, err = copyState(s)
+			return err
+		}); err != nil {
+			return nil, nil, fmt.Errorf("%w: %v", errCorrupt, err)
+		}
+		pt, _, err = cipher.DecryptWithState(ctx, st, m)
+		return st, pt, err
+	}
+	build := func(cur *record.State, prev []*record.StateStructure) (*record.Session, error) {
+		r, err := record.NewSessionFromStructure(&record.SessionStructure{
+			SessionState:   record.NewSessionFromState(cur, ser.Session).Structure().SessionState,
+			PreviousStates: prev,
+		}, ser.Session, ser.State)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", errCorrupt, err)
+		}
+		return r, nil
 	}
 
-	r, err := fresh()
-	if err != nil {
-		return nil, nil, fmt.Errorf("%w: %v", errCorrupt, err)
-	}
-	pt, _, err := cipher.DecryptWithState(ctx, r.SessionState(), m)
+	st, pt, err := try(base.SessionState)
 	if err == nil {
-		return r, pt, nil
+		r, err := build(st, base.PreviousStates)
+		return r, pt, err
 	}
 	if errors.Is(err, signalerror.ErrOldCounter) {
 		return nil, nil, err
 	}
-	n := len(r.PreviousSessionStates())
-	for i := range n {
-		r, err := fresh()
-		if err != nil {
-			return nil, nil, fmt.Errorf("%w: %v", errCorrupt, err)
-		}
-		pt, _, err := cipher.DecryptWithState(ctx, r.PreviousSessionStates()[i], m)
+	for i, ps := range base.PreviousStates {
+		st, pt, err := try(ps)
 		if errors.Is(err, signalerror.ErrOldCounter) {
 			return nil, nil, err
 		}
 		if err != nil {
 			continue
 		}
-		// Promote state i: it becomes current, the old current state is
-		// the newest previous one.
-		s := r.Structure()
-		prev := make([]*record.StateStructure, 0, len(s.PreviousStates))
-		prev = append(prev, s.SessionState)
-		for j, p := range s.PreviousStates {
+		// State i becomes current; the old current state becomes the newest
+		// previous one.
+		prev := make([]*record.StateStructure, 0, len(base.PreviousStates))
+		prev = append(prev, base.SessionState)
+		for j, p := range base.PreviousStates {
 			if j != i {
 				prev = append(prev, p)
 			}
@@ -127,13 +137,26 @@ func decryptWithRecord(ctx context.Context, cipher *session.Cipher, rec *record.
 		if len(prev) > maxArchivedStates {
 			prev = prev[:maxArchivedStates]
 		}
-		nr, err := record.NewSessionFromStructure(&record.SessionStructure{
-			SessionState: s.PreviousStates[i], PreviousStates: prev,
-		}, ser.Session, ser.State)
-		if err != nil {
-			return nil, nil, fmt.Errorf("%w: %v", errCorrupt, err)
-		}
-		return nr, pt, nil
+		r, err := build(st, prev)
+		return r, pt, err
 	}
 	return nil, nil, signalerror.ErrNoValidSessions
+}
+
+// copyState builds a State from a deep copy of s (a JSON round trip, done
+// here rather than by libsignal's state serializer, whose debug logging
+// formats the whole state, keys included).
+func copyState(s *record.StateStructure) (*record.State, error) {
+	if s == nil {
+		return nil, errors.New("no state")
+	}
+	b, err := json.Marshal(s)
+	if err != nil {
+		return nil, err
+	}
+	var c record.StateStructure
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, err
+	}
+	return record.NewStateFromStructure(&c, ser.State)
 }

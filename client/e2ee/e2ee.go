@@ -8,6 +8,18 @@
 // error. Signal state never stays in memory between calls: each operation
 // loads fresh records from the store inside one transaction and commits the
 // records the library stored only if the whole operation succeeded.
+// Decryption does not use libsignal's Cipher.Decrypt: that tries the session
+// states of a record in place, so a failed try on one state can leave it
+// ratcheted to garbage when another state then decrypts (this breaks
+// sessions after both sides set one up at once). This package tries each
+// state on its own copy instead (see decrypt.go).
+//
+// Concurrency: a Device serializes its state-changing calls, and every
+// write transaction takes the store's write lock (BEGIN IMMEDIATE), so
+// several processes may use one store (a `ferry recv` and a `ferry send`).
+// Each call that changes Signal state commits (fsynced) before it returns:
+// an Encrypt's ciphertext may leave at once, a Receive's envelope may be
+// acked at once.
 //
 // Identity keys: trust on first use, and a changed key is accepted but
 // reported (as Signal does for unverified contacts). BuildSession with a

@@ -800,6 +800,7 @@ func TestMalformedCiphertexts(t *testing.T) {
 		}
 	}
 	t.Logf("%d of %d flipped prekey messages decrypted (unauthenticated header fields)", carolMsgs, len(preNoOTK.Content))
+	t.Logf("libsignal panics recovered so far: %d", recovered.Load())
 
 	// After all that the sessions are intact.
 	bob.receive(bob.envFrom(alice, sig), "second")

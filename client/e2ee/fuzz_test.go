@@ -7,6 +7,9 @@ import (
 	"sync"
 	"testing"
 
+	"go.mau.fi/libsignal/protocol"
+	"go.mau.fi/libsignal/session"
+
 	"github.com/ferryhq/ferry/client/localstore"
 	"github.com/ferryhq/ferry/wire/wirepb"
 )
@@ -138,4 +141,34 @@ func FuzzReceive(f *testing.F) {
 		bob.receive(bob.envFrom(alice, alice.encrypt(bob, s)), s)
 		f.Logf("libsignal panics recovered: %d", recovered.Load())
 	})
+}
+
+// The library panics that the notes list are real; safe turns them into
+// errors (the prechecks in Receive keep them from happening at all).
+func TestSafeRecoversLibraryPanics(t *testing.T) {
+	p := newPeer(t, "alice", 1, 0)
+	before := recovered.Load()
+	calls := map[string]func() error{
+		"empty prekey message": func() error {
+			_, err := protocol.NewPreKeySignalMessageFromBytes(nil, ser.PreKeySignalMessage, ser.SignalMessage)
+			return err
+		},
+		"encrypt without a session": func() error {
+			return p.st.Update(context.Background(), func(tx *localstore.Tx) error {
+				ss := p.dev.sigStore(tx)
+				addr := protocol.NewSignalAddress("nobody", 1)
+				_, err := session.NewCipher(session.NewBuilder(ss, ss, ss, ss, addr, ser), addr).
+					Encrypt(context.Background(), []byte("x"))
+				return err
+			})
+		},
+	}
+	for name, call := range calls {
+		if err := safe(call); !errors.Is(err, errLibPanic) {
+			t.Errorf("%s: %v, want a recovered panic", name, err)
+		}
+	}
+	if recovered.Load()-before != int64(len(calls)) {
+		t.Fatalf("recovered %d panics", recovered.Load()-before)
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"go.mau.fi/libsignal/keys/identity"
 	"go.mau.fi/libsignal/protocol"
 	"go.mau.fi/libsignal/state/record"
+	"go.mau.fi/libsignal/state/store"
 
 	"github.com/ferryhq/ferry/client/localstore"
 )
@@ -27,6 +28,13 @@ type sigStore struct {
 	// changed lists addresses whose trusted identity key was replaced.
 	changed []*protocol.SignalAddress
 }
+
+var (
+	_ store.IdentityKey  = (*sigStore)(nil)
+	_ store.PreKey       = (*sigStore)(nil)
+	_ store.SignedPreKey = (*sigStore)(nil)
+	_ store.Session      = (*sigStore)(nil)
+)
 
 func (d *Device) sigStore(tx *localstore.Tx) *sigStore { return &sigStore{d: d, tx: tx} }
 

@@ -415,3 +415,56 @@ func TestBlackBoxDeviceMismatch(t *testing.T) {
 		t.Fatalf("%d inbox entries stored by rejected sends", n)
 	}
 }
+
+// ferryd is SIGKILLed and restarted while alice keeps sending: every send
+// ends in ✓ (the SDK retries under the same client message id), and bob
+// gets each message exactly once, in sequence order with no gaps.
+func TestBlackBoxSendRetriesAcrossServerCrash(t *testing.T) {
+	const n = 60
+	data := t.TempDir()
+	srv := startServer(t, data)
+	aliceHome := register(t, srv, "alice")
+	bobHome := register(t, srv, "bob")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	alice, err := client.Open(ctx, client.Options{Home: aliceHome,
+		Backoff: client.Backoff{Min: 20 * time.Millisecond, Max: 300 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer alice.Close()
+	accepted := make(chan int, n)
+	errc := make(chan error, 1)
+	go func() {
+		for i := range n {
+			if _, err := alice.Send(ctx, "bob", fmt.Sprintf("crash-%02d", i)); err != nil {
+				errc <- err
+				return
+			}
+			accepted <- i
+		}
+		errc <- nil
+	}()
+	// Crash the server twice mid-stream, each time right after some ✓.
+	for _, at := range []int{15, 40} {
+		for i := range accepted {
+			if i >= at {
+				break
+			}
+		}
+		srv.kill9()
+		srv.restart()
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	got := parseLines(t, mustFerry(t, bobHome, "recv", "--json"))
+	if len(got) != n {
+		t.Fatalf("bob got %d messages, want %d", len(got), n)
+	}
+	for i, m := range got {
+		if want := fmt.Sprintf("crash-%02d", i); m.Text != want || m.Seq != uint64(i+1) {
+			t.Fatalf("message %d = seq %d %q, want seq %d %q", i, m.Seq, m.Text, i+1, want)
+		}
+	}
+}
