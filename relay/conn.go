@@ -141,7 +141,7 @@ func (c *conn) readLoop() {
 	_ = c.ws.SetReadDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	c.ws.SetPongHandler(func(string) error {
 		if c.state == stateAuthed {
-			return c.ws.SetReadDeadline(time.Now().Add(2*cfg.PingInterval))
+			return c.ws.SetReadDeadline(time.Now().Add(2 * cfg.PingInterval))
 		}
 		return nil
 	})
@@ -152,7 +152,7 @@ func (c *conn) readLoop() {
 			return
 		}
 		if c.state == stateAuthed {
-			_ = c.ws.SetReadDeadline(time.Now().Add(2*cfg.PingInterval))
+			_ = c.ws.SetReadDeadline(time.Now().Add(2 * cfg.PingInterval))
 		}
 		if typ != websocket.BinaryMessage {
 			_, _ = io.Copy(io.Discard, r)
