@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"syscall"
@@ -47,6 +48,7 @@ type config struct {
 	claimBurst       int
 	shutdownTimeout  time.Duration
 	allowedOrigins   stringList
+	pprof            bool
 }
 
 type stringList []string
@@ -77,6 +79,7 @@ func main() {
 	fs.Float64Var(&c.claimRate, "claim-rate", 5, "prekey bundle claims per second per requesting device")
 	fs.IntVar(&c.claimBurst, "claim-burst", 20, "prekey bundle claim burst per requesting device")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 15*time.Second, "how long SIGTERM waits for in-flight work")
+	fs.BoolVar(&c.pprof, "pprof", false, "serve /debug/pprof/ (profiles; keep off in production listeners)")
 	fs.Var(&c.allowedOrigins, "allow-origin", "browser origin allowed to connect (repeatable; * for any)")
 	_ = fs.Parse(os.Args[1:])
 
@@ -141,6 +144,12 @@ func run(c config) error {
 		fmt.Fprintln(w, "ready")
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	if c.pprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 
 	ln, err := net.Listen("tcp", c.listen)
 	if err != nil {
