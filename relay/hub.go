@@ -34,7 +34,8 @@ func (h *hub) shard(a wire.DeviceAddr) *hubShard {
 	var mh maphash.Hash
 	mh.SetSeed(h.seed)
 	mh.WriteString(a.Account)
-	mh.WriteByte(byte(a.Device))
+	d := a.Device
+	_, _ = mh.Write([]byte{byte(d >> 24), byte(d >> 16), byte(d >> 8), byte(d)})
 	return &h.shards[mh.Sum64()%hubShards]
 }
 

@@ -19,6 +19,7 @@ package store
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -77,7 +78,7 @@ type quietLogger struct{}
 
 func (quietLogger) Infof(string, ...any) {}
 func (quietLogger) Errorf(format string, args ...any) {
-	fmt.Printf("pebble: "+format+"\n", args...)
+	slog.Error("pebble: " + fmt.Sprintf(format, args...))
 }
 func (quietLogger) Fatalf(format string, args ...any) {
 	panic(fmt.Sprintf("pebble: "+format, args...))

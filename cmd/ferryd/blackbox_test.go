@@ -255,6 +255,14 @@ func TestBlackBoxThousandWithCuts(t *testing.T) {
 	if px.cuts == 0 {
 		t.Fatal("no connection was cut; the test tested nothing")
 	}
+	// No plaintext of any message on the server's disk or in its log.
+	srv.kill9()
+	grepTree(t, data, texts)
+	for _, text := range texts {
+		if strings.Contains(srv.log.String(), text) {
+			t.Fatalf("plaintext %q in ferryd's log", text)
+		}
+	}
 }
 
 // rawConn speaks frames directly, to send what no SDK would.

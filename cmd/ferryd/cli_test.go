@@ -1,0 +1,98 @@
+package main
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The CLI reports bad input with the server's stable error codes and exit
+// codes: 2 for usage, 1 for a refused request.
+func TestBlackBoxCLIErrors(t *testing.T) {
+	srv := startServer(t, t.TempDir())
+	alice := register(t, srv, "alice")
+	tests := map[string]struct {
+		home     string
+		args     []string
+		code     int
+		contains string
+	}{
+		"no command":        {t.TempDir(), nil, 2, "usage"},
+		"unknown command":   {t.TempDir(), []string{"fly"}, 2, "unknown command"},
+		"send without text": {alice, []string{"send", "bob"}, 2, "usage: ferry send"},
+		"invalid username":  {t.TempDir(), []string{"--server", srv.url(), "register", "No Way"}, 1, "INVALID_USERNAME"},
+		"username taken":    {t.TempDir(), []string{"--server", srv.url(), "register", "alice"}, 1, "USERNAME_TAKEN"},
+		"unknown recipient": {alice, []string{"send", "nobody", "hi"}, 1, "UNKNOWN_ACCOUNT"},
+		"not registered":    {t.TempDir(), []string{"--server", srv.url(), "send", "alice", "hi"}, 1, "no registered device"},
+		"no server":         {t.TempDir(), []string{"register", "carol"}, 1, "no server URL"},
+		"bad server url":    {t.TempDir(), []string{"--server", "127.0.0.1:1", "recv"}, 2, "bad server URL"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			out, errs, code := ferry(t, tc.home, tc.args...)
+			if code != tc.code || !strings.Contains(out+errs, tc.contains) {
+				t.Fatalf("exit %d, output %q %q; want exit %d containing %q", code, out, errs, tc.code, tc.contains)
+			}
+		})
+	}
+}
+
+func TestBlackBoxRefusesPlainTextOnPublicAddress(t *testing.T) {
+	out, err := exec.Command(filepath.Join(binDir, "ferryd"), "--listen", "0.0.0.0:0", "--data", t.TempDir()).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "refusing plain text") {
+		t.Fatalf("ferryd on 0.0.0.0 without TLS: err %v, output %q", err, out)
+	}
+}
+
+func TestBlackBoxTLS(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	pool := writeSelfSigned(t, certFile, keyFile)
+	srv := startServer(t, t.TempDir(), "--tls-cert", certFile, "--tls-key", keyFile)
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	resp, err := c.Get("https://" + srv.addr + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.TLS == nil {
+		t.Fatalf("healthz over TLS: %v", resp.Status)
+	}
+}
+
+func writeSelfSigned(t *testing.T, certFile, keyFile string) *x509.CertPool {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return pool
+}
