@@ -97,11 +97,27 @@ func OpenWith(path string, o Options) (*Store, error) {
 	}
 	db.SetMaxIdleConns(4)
 	s := &Store{db: db, path: abs}
-	if err := s.migrate(context.Background()); err != nil {
-		db.Close()
-		return nil, err
+	// SQLite can answer SQLITE_BUSY without waiting while another process
+	// turns a new file into WAL mode or recovers its WAL; retry the first
+	// transaction for up to BusyTimeout.
+	deadline := time.Now().Add(BusyTimeout)
+	for {
+		err = s.migrate(context.Background())
+		if err == nil {
+			return s, nil
+		}
+		if !isBusy(err) || time.Now().After(deadline) {
+			db.Close()
+			return nil, err
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	return s, nil
+}
+
+// isBusy reports whether err is SQLite's "database is locked".
+func isBusy(err error) bool {
+	s := err.Error()
+	return strings.Contains(s, "SQLITE_BUSY") || strings.Contains(s, "database is locked")
 }
 
 // Path is the absolute path of the database file.
