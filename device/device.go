@@ -38,7 +38,7 @@ import (
 const PrimaryDeviceID = 1
 
 // DefaultMaxDevices is the default of Options.MaxDevices.
-const DefaultMaxDevices = 16
+const DefaultMaxDevices = 6 // the primary and 5 linked devices
 
 // Options configure a Store. The zero value is ready to use.
 type Options struct {

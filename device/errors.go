@@ -28,7 +28,7 @@ var (
 	// ErrInvalidRegistrationID: a Signal registration id outside 1..MaxRegistrationID.
 	ErrInvalidRegistrationID = &wire.Error{Code: wirepb.ErrorCode_BAD_REQUEST, Message: "device: registration id must be 1..16380"}
 	// ErrTooManyDevices: AddDevice on an account that has Options.MaxDevices devices.
-	ErrTooManyDevices = &wire.Error{Code: wirepb.ErrorCode_BAD_REQUEST, Message: "device: account has the maximum number of devices"}
+	ErrTooManyDevices = &wire.Error{Code: wirepb.ErrorCode_TOO_MANY_DEVICES, Message: "device: account has the maximum number of devices"}
 	// ErrPrimaryDevice: RemoveDevice of device 1, the primary device.
 	ErrPrimaryDevice = &wire.Error{Code: wirepb.ErrorCode_BAD_REQUEST, Message: "device: the primary device cannot be removed"}
 	// ErrInternal: a stored record does not decode, or storage failed.

@@ -184,7 +184,16 @@ var (
 	ErrInboxFull          = &Error{Code: wirepb.ErrorCode_INBOX_FULL}
 	ErrUnavailable        = &Error{Code: wirepb.ErrorCode_UNAVAILABLE}
 	ErrInternal           = &Error{Code: wirepb.ErrorCode_INTERNAL}
+	ErrNotPrimary         = &Error{Code: wirepb.ErrorCode_NOT_PRIMARY}
+	ErrTooManyDevices     = &Error{Code: wirepb.ErrorCode_TOO_MANY_DEVICES}
+	ErrDeviceListInvalid  = &Error{Code: wirepb.ErrorCode_DEVICE_LIST_INVALID}
+	ErrDeviceListStale    = &Error{Code: wirepb.ErrorCode_DEVICE_LIST_STALE}
+	ErrLinkCodeInvalid    = &Error{Code: wirepb.ErrorCode_LINK_CODE_INVALID}
+	ErrLinkCodeExpired    = &Error{Code: wirepb.ErrorCode_LINK_CODE_EXPIRED}
 )
+
+// DeviceListContext prefixes the bytes a primary signs for a device list.
+const DeviceListContext = "ferry-device-list-v1"
 
 // DecodeClientFrame decodes one client frame, rejecting frames over max
 // bytes (0: no limit), unknown bodies and requests without an id.

@@ -158,6 +158,12 @@ const (
 	ErrorCode_INBOX_FULL             ErrorCode = 18 // a recipient device's inbox is at its quota
 	ErrorCode_UNAVAILABLE            ErrorCode = 19 // storage or server trouble; retry with backoff
 	ErrorCode_INTERNAL               ErrorCode = 20
+	ErrorCode_NOT_PRIMARY            ErrorCode = 21 // only the primary device may do this
+	ErrorCode_TOO_MANY_DEVICES       ErrorCode = 22
+	ErrorCode_DEVICE_LIST_INVALID    ErrorCode = 23 // bad signature, wrong account, or does not match the devices
+	ErrorCode_DEVICE_LIST_STALE      ErrorCode = 24 // version not greater than the stored one
+	ErrorCode_LINK_CODE_INVALID      ErrorCode = 25 // unknown, already used, or guessed
+	ErrorCode_LINK_CODE_EXPIRED      ErrorCode = 26
 )
 
 // Enum value maps for ErrorCode.
@@ -184,6 +190,12 @@ var (
 		18: "INBOX_FULL",
 		19: "UNAVAILABLE",
 		20: "INTERNAL",
+		21: "NOT_PRIMARY",
+		22: "TOO_MANY_DEVICES",
+		23: "DEVICE_LIST_INVALID",
+		24: "DEVICE_LIST_STALE",
+		25: "LINK_CODE_INVALID",
+		26: "LINK_CODE_EXPIRED",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED": 0,
@@ -207,6 +219,12 @@ var (
 		"INBOX_FULL":             18,
 		"UNAVAILABLE":            19,
 		"INTERNAL":               20,
+		"NOT_PRIMARY":            21,
+		"TOO_MANY_DEVICES":       22,
+		"DEVICE_LIST_INVALID":    23,
+		"DEVICE_LIST_STALE":      24,
+		"LINK_CODE_INVALID":      25,
+		"LINK_CODE_EXPIRED":      26,
 	}
 )
 
@@ -254,6 +272,13 @@ type ClientFrame struct {
 	//	*ClientFrame_Send
 	//	*ClientFrame_Ack
 	//	*ClientFrame_KeyStatus
+	//	*ClientFrame_PublishDeviceList
+	//	*ClientFrame_GetDeviceList
+	//	*ClientFrame_LinkStart
+	//	*ClientFrame_GetLink
+	//	*ClientFrame_ApproveLink
+	//	*ClientFrame_RemoveDevice
+	//	*ClientFrame_SyncToDevice
 	Body          isClientFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -375,6 +400,69 @@ func (x *ClientFrame) GetKeyStatus() *KeyStatus {
 	return nil
 }
 
+func (x *ClientFrame) GetPublishDeviceList() *PublishDeviceList {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_PublishDeviceList); ok {
+			return x.PublishDeviceList
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetGetDeviceList() *GetDeviceList {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_GetDeviceList); ok {
+			return x.GetDeviceList
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetLinkStart() *LinkStart {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_LinkStart); ok {
+			return x.LinkStart
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetGetLink() *GetLink {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_GetLink); ok {
+			return x.GetLink
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetApproveLink() *ApproveLink {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_ApproveLink); ok {
+			return x.ApproveLink
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetRemoveDevice() *RemoveDevice {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_RemoveDevice); ok {
+			return x.RemoveDevice
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetSyncToDevice() *SyncToDevice {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_SyncToDevice); ok {
+			return x.SyncToDevice
+		}
+	}
+	return nil
+}
+
 type isClientFrame_Body interface {
 	isClientFrame_Body()
 }
@@ -411,6 +499,34 @@ type ClientFrame_KeyStatus struct {
 	KeyStatus *KeyStatus `protobuf:"bytes,9,opt,name=key_status,json=keyStatus,proto3,oneof"`
 }
 
+type ClientFrame_PublishDeviceList struct {
+	PublishDeviceList *PublishDeviceList `protobuf:"bytes,10,opt,name=publish_device_list,json=publishDeviceList,proto3,oneof"` // primary only
+}
+
+type ClientFrame_GetDeviceList struct {
+	GetDeviceList *GetDeviceList `protobuf:"bytes,11,opt,name=get_device_list,json=getDeviceList,proto3,oneof"`
+}
+
+type ClientFrame_LinkStart struct {
+	LinkStart *LinkStart `protobuf:"bytes,12,opt,name=link_start,json=linkStart,proto3,oneof"` // after Hello, instead of Register/Auth (new device)
+}
+
+type ClientFrame_GetLink struct {
+	GetLink *GetLink `protobuf:"bytes,13,opt,name=get_link,json=getLink,proto3,oneof"` // primary only
+}
+
+type ClientFrame_ApproveLink struct {
+	ApproveLink *ApproveLink `protobuf:"bytes,14,opt,name=approve_link,json=approveLink,proto3,oneof"` // primary only
+}
+
+type ClientFrame_RemoveDevice struct {
+	RemoveDevice *RemoveDevice `protobuf:"bytes,15,opt,name=remove_device,json=removeDevice,proto3,oneof"`
+}
+
+type ClientFrame_SyncToDevice struct {
+	SyncToDevice *SyncToDevice `protobuf:"bytes,16,opt,name=sync_to_device,json=syncToDevice,proto3,oneof"`
+}
+
 func (*ClientFrame_Hello) isClientFrame_Body() {}
 
 func (*ClientFrame_Register) isClientFrame_Body() {}
@@ -426,6 +542,20 @@ func (*ClientFrame_Send) isClientFrame_Body() {}
 func (*ClientFrame_Ack) isClientFrame_Body() {}
 
 func (*ClientFrame_KeyStatus) isClientFrame_Body() {}
+
+func (*ClientFrame_PublishDeviceList) isClientFrame_Body() {}
+
+func (*ClientFrame_GetDeviceList) isClientFrame_Body() {}
+
+func (*ClientFrame_LinkStart) isClientFrame_Body() {}
+
+func (*ClientFrame_GetLink) isClientFrame_Body() {}
+
+func (*ClientFrame_ApproveLink) isClientFrame_Body() {}
+
+func (*ClientFrame_RemoveDevice) isClientFrame_Body() {}
+
+func (*ClientFrame_SyncToDevice) isClientFrame_Body() {}
 
 // ServerFrame is every frame the server sends: a response or an event.
 type ServerFrame struct {
@@ -524,6 +654,13 @@ type Response struct {
 	//	*Response_Send
 	//	*Response_Ack
 	//	*Response_KeyStatus
+	//	*Response_PublishDeviceList
+	//	*Response_GetDeviceList
+	//	*Response_LinkStart
+	//	*Response_GetLink
+	//	*Response_ApproveLink
+	//	*Response_RemoveDevice
+	//	*Response_SyncToDevice
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -652,6 +789,69 @@ func (x *Response) GetKeyStatus() *KeyStatusResult {
 	return nil
 }
 
+func (x *Response) GetPublishDeviceList() *PublishDeviceListResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_PublishDeviceList); ok {
+			return x.PublishDeviceList
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetGetDeviceList() *GetDeviceListResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_GetDeviceList); ok {
+			return x.GetDeviceList
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetLinkStart() *LinkStartResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_LinkStart); ok {
+			return x.LinkStart
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetGetLink() *GetLinkResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_GetLink); ok {
+			return x.GetLink
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetApproveLink() *ApproveLinkResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_ApproveLink); ok {
+			return x.ApproveLink
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetRemoveDevice() *RemoveDeviceResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_RemoveDevice); ok {
+			return x.RemoveDevice
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetSyncToDevice() *SendResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_SyncToDevice); ok {
+			return x.SyncToDevice
+		}
+	}
+	return nil
+}
+
 type isResponse_Result interface {
 	isResponse_Result()
 }
@@ -688,6 +888,34 @@ type Response_KeyStatus struct {
 	KeyStatus *KeyStatusResult `protobuf:"bytes,17,opt,name=key_status,json=keyStatus,proto3,oneof"`
 }
 
+type Response_PublishDeviceList struct {
+	PublishDeviceList *PublishDeviceListResult `protobuf:"bytes,18,opt,name=publish_device_list,json=publishDeviceList,proto3,oneof"`
+}
+
+type Response_GetDeviceList struct {
+	GetDeviceList *GetDeviceListResult `protobuf:"bytes,19,opt,name=get_device_list,json=getDeviceList,proto3,oneof"`
+}
+
+type Response_LinkStart struct {
+	LinkStart *LinkStartResult `protobuf:"bytes,20,opt,name=link_start,json=linkStart,proto3,oneof"`
+}
+
+type Response_GetLink struct {
+	GetLink *GetLinkResult `protobuf:"bytes,21,opt,name=get_link,json=getLink,proto3,oneof"`
+}
+
+type Response_ApproveLink struct {
+	ApproveLink *ApproveLinkResult `protobuf:"bytes,22,opt,name=approve_link,json=approveLink,proto3,oneof"`
+}
+
+type Response_RemoveDevice struct {
+	RemoveDevice *RemoveDeviceResult `protobuf:"bytes,23,opt,name=remove_device,json=removeDevice,proto3,oneof"`
+}
+
+type Response_SyncToDevice struct {
+	SyncToDevice *SendResult `protobuf:"bytes,24,opt,name=sync_to_device,json=syncToDevice,proto3,oneof"`
+}
+
 func (*Response_Welcome) isResponse_Result() {}
 
 func (*Response_Register) isResponse_Result() {}
@@ -704,6 +932,20 @@ func (*Response_Ack) isResponse_Result() {}
 
 func (*Response_KeyStatus) isResponse_Result() {}
 
+func (*Response_PublishDeviceList) isResponse_Result() {}
+
+func (*Response_GetDeviceList) isResponse_Result() {}
+
+func (*Response_LinkStart) isResponse_Result() {}
+
+func (*Response_GetLink) isResponse_Result() {}
+
+func (*Response_ApproveLink) isResponse_Result() {}
+
+func (*Response_RemoveDevice) isResponse_Result() {}
+
+func (*Response_SyncToDevice) isResponse_Result() {}
+
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Body:
@@ -711,6 +953,7 @@ type Event struct {
 	//	*Event_Envelope
 	//	*Event_QueueEmpty
 	//	*Event_PrekeysLow
+	//	*Event_LinkApproved
 	Body          isEvent_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -780,6 +1023,15 @@ func (x *Event) GetPrekeysLow() *PrekeysLow {
 	return nil
 }
 
+func (x *Event) GetLinkApproved() *LinkApproved {
+	if x != nil {
+		if x, ok := x.Body.(*Event_LinkApproved); ok {
+			return x.LinkApproved
+		}
+	}
+	return nil
+}
+
 type isEvent_Body interface {
 	isEvent_Body()
 }
@@ -796,11 +1048,17 @@ type Event_PrekeysLow struct {
 	PrekeysLow *PrekeysLow `protobuf:"bytes,3,opt,name=prekeys_low,json=prekeysLow,proto3,oneof"` // upload more one-time prekeys
 }
 
+type Event_LinkApproved struct {
+	LinkApproved *LinkApproved `protobuf:"bytes,4,opt,name=link_approved,json=linkApproved,proto3,oneof"` // to a linking (not yet authenticated) connection
+}
+
 func (*Event_Envelope) isEvent_Body() {}
 
 func (*Event_QueueEmpty) isEvent_Body() {}
 
 func (*Event_PrekeysLow) isEvent_Body() {}
+
+func (*Event_LinkApproved) isEvent_Body() {}
 
 // Hello opens the connection. The server picks the highest version in
 // [min_version, max_version] that it supports or answers UNSUPPORTED_VERSION
@@ -2296,6 +2554,1011 @@ func (x *PrekeysLow) GetOneTimePrekeys() uint32 {
 	return 0
 }
 
+// DeviceList is the signed statement of which devices an account has. The
+// primary device (id 1) signs it; the server verifies and stores it but
+// cannot forge it, so clients encrypt only to devices on a list they
+// verified (docs/protocol.md, "Device lists").
+type DeviceList struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
+	Version       uint64                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`                      // strictly increasing per account, from 1
+	Devices       []*DeviceListEntry     `protobuf:"bytes,3,rep,name=devices,proto3" json:"devices,omitempty"`                       // ascending device_id; always holds device 1
+	CreatedMs     int64                  `protobuf:"varint,4,opt,name=created_ms,json=createdMs,proto3" json:"created_ms,omitempty"` // signer's clock; informational
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceList) Reset() {
+	*x = DeviceList{}
+	mi := &file_ferry_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceList) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceList) ProtoMessage() {}
+
+func (x *DeviceList) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceList.ProtoReflect.Descriptor instead.
+func (*DeviceList) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *DeviceList) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *DeviceList) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *DeviceList) GetDevices() []*DeviceListEntry {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+func (x *DeviceList) GetCreatedMs() int64 {
+	if x != nil {
+		return x.CreatedMs
+	}
+	return 0
+}
+
+type DeviceListEntry struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId      uint32                 `protobuf:"varint,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	IdentityKey   []byte                 `protobuf:"bytes,2,opt,name=identity_key,json=identityKey,proto3" json:"identity_key,omitempty"` // that device's Signal identity key, 33 bytes
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceListEntry) Reset() {
+	*x = DeviceListEntry{}
+	mi := &file_ferry_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceListEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceListEntry) ProtoMessage() {}
+
+func (x *DeviceListEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceListEntry.ProtoReflect.Descriptor instead.
+func (*DeviceListEntry) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *DeviceListEntry) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+func (x *DeviceListEntry) GetIdentityKey() []byte {
+	if x != nil {
+		return x.IdentityKey
+	}
+	return nil
+}
+
+// SignedDeviceList carries the exact signed bytes.
+//
+//	signature = XEdDSA(primary identity key, "ferry-device-list-v1" 0x00 || list)
+type SignedDeviceList struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	List          []byte                 `protobuf:"bytes,1,opt,name=list,proto3" json:"list,omitempty"`           // an encoded DeviceList
+	Signature     []byte                 `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"` // 64 bytes
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignedDeviceList) Reset() {
+	*x = SignedDeviceList{}
+	mi := &file_ferry_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignedDeviceList) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignedDeviceList) ProtoMessage() {}
+
+func (x *SignedDeviceList) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignedDeviceList.ProtoReflect.Descriptor instead.
+func (*SignedDeviceList) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *SignedDeviceList) GetList() []byte {
+	if x != nil {
+		return x.List
+	}
+	return nil
+}
+
+func (x *SignedDeviceList) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+type PublishDeviceList struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	List          *SignedDeviceList      `protobuf:"bytes,1,opt,name=list,proto3" json:"list,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishDeviceList) Reset() {
+	*x = PublishDeviceList{}
+	mi := &file_ferry_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishDeviceList) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishDeviceList) ProtoMessage() {}
+
+func (x *PublishDeviceList) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishDeviceList.ProtoReflect.Descriptor instead.
+func (*PublishDeviceList) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *PublishDeviceList) GetList() *SignedDeviceList {
+	if x != nil {
+		return x.List
+	}
+	return nil
+}
+
+type PublishDeviceListResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint64                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Removed       []uint32               `protobuf:"varint,2,rep,packed,name=removed,proto3" json:"removed,omitempty"` // devices the server removed because the list no longer names them
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PublishDeviceListResult) Reset() {
+	*x = PublishDeviceListResult{}
+	mi := &file_ferry_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PublishDeviceListResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PublishDeviceListResult) ProtoMessage() {}
+
+func (x *PublishDeviceListResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PublishDeviceListResult.ProtoReflect.Descriptor instead.
+func (*PublishDeviceListResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *PublishDeviceListResult) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *PublishDeviceListResult) GetRemoved() []uint32 {
+	if x != nil {
+		return x.Removed
+	}
+	return nil
+}
+
+type GetDeviceList struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetDeviceList) Reset() {
+	*x = GetDeviceList{}
+	mi := &file_ferry_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetDeviceList) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetDeviceList) ProtoMessage() {}
+
+func (x *GetDeviceList) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetDeviceList.ProtoReflect.Descriptor instead.
+func (*GetDeviceList) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *GetDeviceList) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+type GetDeviceListResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	List          *SignedDeviceList      `protobuf:"bytes,1,opt,name=list,proto3" json:"list,omitempty"` // absent if the account has published none yet
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetDeviceListResult) Reset() {
+	*x = GetDeviceListResult{}
+	mi := &file_ferry_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetDeviceListResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetDeviceListResult) ProtoMessage() {}
+
+func (x *GetDeviceListResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetDeviceListResult.ProtoReflect.Descriptor instead.
+func (*GetDeviceListResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *GetDeviceListResult) GetList() *SignedDeviceList {
+	if x != nil {
+		return x.List
+	}
+	return nil
+}
+
+// LinkStart (new device, after Hello): asks for a link code. The connection
+// then waits (up to the code's lifetime) for a LinkApproved event, and may
+// Auth afterwards on the same connection.
+type LinkStart struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	DeviceKey      []byte                 `protobuf:"bytes,1,opt,name=device_key,json=deviceKey,proto3" json:"device_key,omitempty"`                 // Ed25519 public key for auth, 32 bytes
+	RegistrationId uint32                 `protobuf:"varint,2,opt,name=registration_id,json=registrationId,proto3" json:"registration_id,omitempty"` // 1..16380
+	IdentityKey    []byte                 `protobuf:"bytes,3,opt,name=identity_key,json=identityKey,proto3" json:"identity_key,omitempty"`           // Signal identity key, 33 bytes
+	EphemeralKey   []byte                 `protobuf:"bytes,4,opt,name=ephemeral_key,json=ephemeralKey,proto3" json:"ephemeral_key,omitempty"`        // X25519 public key, 32 bytes, for sealing the link material
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *LinkStart) Reset() {
+	*x = LinkStart{}
+	mi := &file_ferry_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LinkStart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LinkStart) ProtoMessage() {}
+
+func (x *LinkStart) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LinkStart.ProtoReflect.Descriptor instead.
+func (*LinkStart) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *LinkStart) GetDeviceKey() []byte {
+	if x != nil {
+		return x.DeviceKey
+	}
+	return nil
+}
+
+func (x *LinkStart) GetRegistrationId() uint32 {
+	if x != nil {
+		return x.RegistrationId
+	}
+	return 0
+}
+
+func (x *LinkStart) GetIdentityKey() []byte {
+	if x != nil {
+		return x.IdentityKey
+	}
+	return nil
+}
+
+func (x *LinkStart) GetEphemeralKey() []byte {
+	if x != nil {
+		return x.EphemeralKey
+	}
+	return nil
+}
+
+type LinkStartResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CodeId        []byte                 `protobuf:"bytes,1,opt,name=code_id,json=codeId,proto3" json:"code_id,omitempty"` // 8 bytes; with the commitment it forms the link code
+	ExpiresMs     int64                  `protobuf:"varint,2,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LinkStartResult) Reset() {
+	*x = LinkStartResult{}
+	mi := &file_ferry_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LinkStartResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LinkStartResult) ProtoMessage() {}
+
+func (x *LinkStartResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LinkStartResult.ProtoReflect.Descriptor instead.
+func (*LinkStartResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *LinkStartResult) GetCodeId() []byte {
+	if x != nil {
+		return x.CodeId
+	}
+	return nil
+}
+
+func (x *LinkStartResult) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
+// GetLink (primary): what the new device behind a code asked for. The
+// primary checks it against the code's commitment before approving.
+type GetLink struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CodeId        []byte                 `protobuf:"bytes,1,opt,name=code_id,json=codeId,proto3" json:"code_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetLink) Reset() {
+	*x = GetLink{}
+	mi := &file_ferry_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLink) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLink) ProtoMessage() {}
+
+func (x *GetLink) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLink.ProtoReflect.Descriptor instead.
+func (*GetLink) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *GetLink) GetCodeId() []byte {
+	if x != nil {
+		return x.CodeId
+	}
+	return nil
+}
+
+type GetLinkResult struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	DeviceKey      []byte                 `protobuf:"bytes,1,opt,name=device_key,json=deviceKey,proto3" json:"device_key,omitempty"`
+	RegistrationId uint32                 `protobuf:"varint,2,opt,name=registration_id,json=registrationId,proto3" json:"registration_id,omitempty"`
+	IdentityKey    []byte                 `protobuf:"bytes,3,opt,name=identity_key,json=identityKey,proto3" json:"identity_key,omitempty"`
+	EphemeralKey   []byte                 `protobuf:"bytes,4,opt,name=ephemeral_key,json=ephemeralKey,proto3" json:"ephemeral_key,omitempty"`
+	ExpiresMs      int64                  `protobuf:"varint,5,opt,name=expires_ms,json=expiresMs,proto3" json:"expires_ms,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *GetLinkResult) Reset() {
+	*x = GetLinkResult{}
+	mi := &file_ferry_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetLinkResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetLinkResult) ProtoMessage() {}
+
+func (x *GetLinkResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetLinkResult.ProtoReflect.Descriptor instead.
+func (*GetLinkResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *GetLinkResult) GetDeviceKey() []byte {
+	if x != nil {
+		return x.DeviceKey
+	}
+	return nil
+}
+
+func (x *GetLinkResult) GetRegistrationId() uint32 {
+	if x != nil {
+		return x.RegistrationId
+	}
+	return 0
+}
+
+func (x *GetLinkResult) GetIdentityKey() []byte {
+	if x != nil {
+		return x.IdentityKey
+	}
+	return nil
+}
+
+func (x *GetLinkResult) GetEphemeralKey() []byte {
+	if x != nil {
+		return x.EphemeralKey
+	}
+	return nil
+}
+
+func (x *GetLinkResult) GetExpiresMs() int64 {
+	if x != nil {
+		return x.ExpiresMs
+	}
+	return 0
+}
+
+// ApproveLink (primary): adds the device and forwards the sealed material.
+type ApproveLink struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CodeId        []byte                 `protobuf:"bytes,1,opt,name=code_id,json=codeId,proto3" json:"code_id,omitempty"`
+	EphemeralKey  []byte                 `protobuf:"bytes,2,opt,name=ephemeral_key,json=ephemeralKey,proto3" json:"ephemeral_key,omitempty"` // primary's X25519 public key, 32 bytes
+	Sealed        []byte                 `protobuf:"bytes,3,opt,name=sealed,proto3" json:"sealed,omitempty"`                                 // AEAD ciphertext of a LinkMaterial (docs/protocol.md)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApproveLink) Reset() {
+	*x = ApproveLink{}
+	mi := &file_ferry_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApproveLink) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApproveLink) ProtoMessage() {}
+
+func (x *ApproveLink) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApproveLink.ProtoReflect.Descriptor instead.
+func (*ApproveLink) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ApproveLink) GetCodeId() []byte {
+	if x != nil {
+		return x.CodeId
+	}
+	return nil
+}
+
+func (x *ApproveLink) GetEphemeralKey() []byte {
+	if x != nil {
+		return x.EphemeralKey
+	}
+	return nil
+}
+
+func (x *ApproveLink) GetSealed() []byte {
+	if x != nil {
+		return x.Sealed
+	}
+	return nil
+}
+
+type ApproveLinkResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId      uint32                 `protobuf:"varint,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApproveLinkResult) Reset() {
+	*x = ApproveLinkResult{}
+	mi := &file_ferry_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApproveLinkResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApproveLinkResult) ProtoMessage() {}
+
+func (x *ApproveLinkResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApproveLinkResult.ProtoReflect.Descriptor instead.
+func (*ApproveLinkResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *ApproveLinkResult) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+// LinkApproved tells the waiting new device its id and hands it the sealed material.
+type LinkApproved struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
+	DeviceId      uint32                 `protobuf:"varint,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	EphemeralKey  []byte                 `protobuf:"bytes,3,opt,name=ephemeral_key,json=ephemeralKey,proto3" json:"ephemeral_key,omitempty"` // the primary's
+	Sealed        []byte                 `protobuf:"bytes,4,opt,name=sealed,proto3" json:"sealed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LinkApproved) Reset() {
+	*x = LinkApproved{}
+	mi := &file_ferry_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LinkApproved) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LinkApproved) ProtoMessage() {}
+
+func (x *LinkApproved) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LinkApproved.ProtoReflect.Descriptor instead.
+func (*LinkApproved) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *LinkApproved) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *LinkApproved) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+func (x *LinkApproved) GetEphemeralKey() []byte {
+	if x != nil {
+		return x.EphemeralKey
+	}
+	return nil
+}
+
+func (x *LinkApproved) GetSealed() []byte {
+	if x != nil {
+		return x.Sealed
+	}
+	return nil
+}
+
+// LinkMaterial is sealed by the primary for the new device.
+type LinkMaterial struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Username           string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
+	PrimaryIdentityKey []byte                 `protobuf:"bytes,2,opt,name=primary_identity_key,json=primaryIdentityKey,proto3" json:"primary_identity_key,omitempty"` // pins the key that signs this account's device lists
+	DeviceId           uint32                 `protobuf:"varint,3,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *LinkMaterial) Reset() {
+	*x = LinkMaterial{}
+	mi := &file_ferry_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LinkMaterial) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LinkMaterial) ProtoMessage() {}
+
+func (x *LinkMaterial) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LinkMaterial.ProtoReflect.Descriptor instead.
+func (*LinkMaterial) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *LinkMaterial) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *LinkMaterial) GetPrimaryIdentityKey() []byte {
+	if x != nil {
+		return x.PrimaryIdentityKey
+	}
+	return nil
+}
+
+func (x *LinkMaterial) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+// RemoveDevice: the primary removes another device, or a device removes
+// itself. The device's inbox, prekeys and auth key are deleted at once and
+// its socket is closed (4004). The primary then publishes a new list.
+type RemoveDevice struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId      uint32                 `protobuf:"varint,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveDevice) Reset() {
+	*x = RemoveDevice{}
+	mi := &file_ferry_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveDevice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveDevice) ProtoMessage() {}
+
+func (x *RemoveDevice) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveDevice.ProtoReflect.Descriptor instead.
+func (*RemoveDevice) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *RemoveDevice) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+type RemoveDeviceResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveDeviceResult) Reset() {
+	*x = RemoveDeviceResult{}
+	mi := &file_ferry_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveDeviceResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveDeviceResult) ProtoMessage() {}
+
+func (x *RemoveDeviceResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveDeviceResult.ProtoReflect.Descriptor instead.
+func (*RemoveDeviceResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{45}
+}
+
+// SyncToDevice sends one ciphertext to one other device of the sender's own
+// account (history for a newly linked device). It has no conversation
+// sequence; SendResult.seq is 0.
+type SyncToDevice struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	ClientMsgId    string                 `protobuf:"bytes,1,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
+	DeviceId       uint32                 `protobuf:"varint,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	RegistrationId uint32                 `protobuf:"varint,3,opt,name=registration_id,json=registrationId,proto3" json:"registration_id,omitempty"`
+	Type           EnvelopeType           `protobuf:"varint,4,opt,name=type,proto3,enum=ferry.wire.v1.EnvelopeType" json:"type,omitempty"`
+	Content        []byte                 `protobuf:"bytes,5,opt,name=content,proto3" json:"content,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *SyncToDevice) Reset() {
+	*x = SyncToDevice{}
+	mi := &file_ferry_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SyncToDevice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SyncToDevice) ProtoMessage() {}
+
+func (x *SyncToDevice) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SyncToDevice.ProtoReflect.Descriptor instead.
+func (*SyncToDevice) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *SyncToDevice) GetClientMsgId() string {
+	if x != nil {
+		return x.ClientMsgId
+	}
+	return ""
+}
+
+func (x *SyncToDevice) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+func (x *SyncToDevice) GetRegistrationId() uint32 {
+	if x != nil {
+		return x.RegistrationId
+	}
+	return 0
+}
+
+func (x *SyncToDevice) GetType() EnvelopeType {
+	if x != nil {
+		return x.Type
+	}
+	return EnvelopeType_ENVELOPE_TYPE_UNSPECIFIED
+}
+
+func (x *SyncToDevice) GetContent() []byte {
+	if x != nil {
+		return x.Content
+	}
+	return nil
+}
+
 type Error struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Code          ErrorCode              `protobuf:"varint,1,opt,name=code,proto3,enum=ferry.wire.v1.ErrorCode" json:"code,omitempty"`
@@ -2309,7 +3572,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_ferry_proto_msgTypes[29]
+	mi := &file_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2321,7 +3584,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[29]
+	mi := &file_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2334,7 +3597,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{29}
+	return file_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -2382,7 +3645,7 @@ type DeviceRef struct {
 
 func (x *DeviceRef) Reset() {
 	*x = DeviceRef{}
-	mi := &file_ferry_proto_msgTypes[30]
+	mi := &file_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2394,7 +3657,7 @@ func (x *DeviceRef) String() string {
 func (*DeviceRef) ProtoMessage() {}
 
 func (x *DeviceRef) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[30]
+	mi := &file_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2407,7 +3670,7 @@ func (x *DeviceRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceRef.ProtoReflect.Descriptor instead.
 func (*DeviceRef) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{30}
+	return file_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *DeviceRef) GetUsername() string {
@@ -2439,7 +3702,7 @@ type DeviceMismatch struct {
 
 func (x *DeviceMismatch) Reset() {
 	*x = DeviceMismatch{}
-	mi := &file_ferry_proto_msgTypes[31]
+	mi := &file_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2451,7 +3714,7 @@ func (x *DeviceMismatch) String() string {
 func (*DeviceMismatch) ProtoMessage() {}
 
 func (x *DeviceMismatch) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[31]
+	mi := &file_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2464,7 +3727,7 @@ func (x *DeviceMismatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceMismatch.ProtoReflect.Descriptor instead.
 func (*DeviceMismatch) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{31}
+	return file_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *DeviceMismatch) GetMissing() []*DeviceRef {
@@ -2496,13 +3759,14 @@ type Content struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Text          string                 `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
 	SentTimeMs    int64                  `protobuf:"varint,2,opt,name=sent_time_ms,json=sentTimeMs,proto3" json:"sent_time_ms,omitempty"` // sender's clock; for display only, never for ordering
+	History       *HistoryChunk          `protobuf:"bytes,3,opt,name=history,proto3" json:"history,omitempty"`                            // set only in SyncToDevice messages to a new device
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Content) Reset() {
 	*x = Content{}
-	mi := &file_ferry_proto_msgTypes[32]
+	mi := &file_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2514,7 +3778,7 @@ func (x *Content) String() string {
 func (*Content) ProtoMessage() {}
 
 func (x *Content) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[32]
+	mi := &file_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2527,7 +3791,7 @@ func (x *Content) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Content.ProtoReflect.Descriptor instead.
 func (*Content) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{32}
+	return file_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *Content) GetText() string {
@@ -2544,11 +3808,187 @@ func (x *Content) GetSentTimeMs() int64 {
 	return 0
 }
 
+func (x *Content) GetHistory() *HistoryChunk {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+// HistoryChunk carries part of the primary's history to a newly linked device.
+type HistoryChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Messages      []*HistoryMessage      `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	Last          bool                   `protobuf:"varint,2,opt,name=last,proto3" json:"last,omitempty"` // the final chunk
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HistoryChunk) Reset() {
+	*x = HistoryChunk{}
+	mi := &file_ferry_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryChunk) ProtoMessage() {}
+
+func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryChunk.ProtoReflect.Descriptor instead.
+func (*HistoryChunk) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *HistoryChunk) GetMessages() []*HistoryMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+func (x *HistoryChunk) GetLast() bool {
+	if x != nil {
+		return x.Last
+	}
+	return false
+}
+
+type HistoryMessage struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Peer          string                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
+	Group         string                 `protobuf:"bytes,2,opt,name=group,proto3" json:"group,omitempty"`
+	Outgoing      bool                   `protobuf:"varint,3,opt,name=outgoing,proto3" json:"outgoing,omitempty"`
+	Sender        string                 `protobuf:"bytes,4,opt,name=sender,proto3" json:"sender,omitempty"`
+	SenderDevice  uint32                 `protobuf:"varint,5,opt,name=sender_device,json=senderDevice,proto3" json:"sender_device,omitempty"`
+	Seq           uint64                 `protobuf:"varint,6,opt,name=seq,proto3" json:"seq,omitempty"`
+	ServerTimeMs  int64                  `protobuf:"varint,7,opt,name=server_time_ms,json=serverTimeMs,proto3" json:"server_time_ms,omitempty"`
+	Text          string                 `protobuf:"bytes,8,opt,name=text,proto3" json:"text,omitempty"`
+	ClientMsgId   string                 `protobuf:"bytes,9,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
+	Delivered     bool                   `protobuf:"varint,10,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HistoryMessage) Reset() {
+	*x = HistoryMessage{}
+	mi := &file_ferry_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryMessage) ProtoMessage() {}
+
+func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryMessage.ProtoReflect.Descriptor instead.
+func (*HistoryMessage) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *HistoryMessage) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *HistoryMessage) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *HistoryMessage) GetOutgoing() bool {
+	if x != nil {
+		return x.Outgoing
+	}
+	return false
+}
+
+func (x *HistoryMessage) GetSender() string {
+	if x != nil {
+		return x.Sender
+	}
+	return ""
+}
+
+func (x *HistoryMessage) GetSenderDevice() uint32 {
+	if x != nil {
+		return x.SenderDevice
+	}
+	return 0
+}
+
+func (x *HistoryMessage) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *HistoryMessage) GetServerTimeMs() int64 {
+	if x != nil {
+		return x.ServerTimeMs
+	}
+	return 0
+}
+
+func (x *HistoryMessage) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *HistoryMessage) GetClientMsgId() string {
+	if x != nil {
+		return x.ClientMsgId
+	}
+	return ""
+}
+
+func (x *HistoryMessage) GetDelivered() bool {
+	if x != nil {
+		return x.Delivered
+	}
+	return false
+}
+
 var File_ferry_proto protoreflect.FileDescriptor
 
 const file_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\vferry.proto\x12\rferry.wire.v1\"\xc5\x03\n" +
+	"\vferry.proto\x12\rferry.wire.v1\"\x9b\a\n" +
 	"\vClientFrame\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x05hello\x18\x02 \x01(\v2\x14.ferry.wire.v1.HelloH\x00R\x05hello\x125\n" +
@@ -2560,12 +4000,21 @@ const file_ferry_proto_rawDesc = "" +
 	"\x04send\x18\a \x01(\v2\x13.ferry.wire.v1.SendH\x00R\x04send\x12&\n" +
 	"\x03ack\x18\b \x01(\v2\x12.ferry.wire.v1.AckH\x00R\x03ack\x129\n" +
 	"\n" +
-	"key_status\x18\t \x01(\v2\x18.ferry.wire.v1.KeyStatusH\x00R\tkeyStatusB\x06\n" +
+	"key_status\x18\t \x01(\v2\x18.ferry.wire.v1.KeyStatusH\x00R\tkeyStatus\x12R\n" +
+	"\x13publish_device_list\x18\n" +
+	" \x01(\v2 .ferry.wire.v1.PublishDeviceListH\x00R\x11publishDeviceList\x12F\n" +
+	"\x0fget_device_list\x18\v \x01(\v2\x1c.ferry.wire.v1.GetDeviceListH\x00R\rgetDeviceList\x129\n" +
+	"\n" +
+	"link_start\x18\f \x01(\v2\x18.ferry.wire.v1.LinkStartH\x00R\tlinkStart\x123\n" +
+	"\bget_link\x18\r \x01(\v2\x16.ferry.wire.v1.GetLinkH\x00R\agetLink\x12?\n" +
+	"\fapprove_link\x18\x0e \x01(\v2\x1a.ferry.wire.v1.ApproveLinkH\x00R\vapproveLink\x12B\n" +
+	"\rremove_device\x18\x0f \x01(\v2\x1b.ferry.wire.v1.RemoveDeviceH\x00R\fremoveDevice\x12C\n" +
+	"\x0esync_to_device\x18\x10 \x01(\v2\x1b.ferry.wire.v1.SyncToDeviceH\x00R\fsyncToDeviceB\x06\n" +
 	"\x04body\"z\n" +
 	"\vServerFrame\x125\n" +
 	"\bresponse\x18\x01 \x01(\v2\x17.ferry.wire.v1.ResponseH\x00R\bresponse\x12,\n" +
 	"\x05event\x18\x02 \x01(\v2\x14.ferry.wire.v1.EventH\x00R\x05eventB\x06\n" +
-	"\x04body\"\xa0\x04\n" +
+	"\x04body\"\x98\b\n" +
 	"\bResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12*\n" +
 	"\x05error\x18\x02 \x01(\v2\x14.ferry.wire.v1.ErrorR\x05error\x122\n" +
@@ -2579,14 +4028,23 @@ const file_ferry_proto_rawDesc = "" +
 	"\x04send\x18\x0f \x01(\v2\x19.ferry.wire.v1.SendResultH\x00R\x04send\x12,\n" +
 	"\x03ack\x18\x10 \x01(\v2\x18.ferry.wire.v1.AckResultH\x00R\x03ack\x12?\n" +
 	"\n" +
-	"key_status\x18\x11 \x01(\v2\x1e.ferry.wire.v1.KeyStatusResultH\x00R\tkeyStatusB\b\n" +
-	"\x06result\"\xc2\x01\n" +
+	"key_status\x18\x11 \x01(\v2\x1e.ferry.wire.v1.KeyStatusResultH\x00R\tkeyStatus\x12X\n" +
+	"\x13publish_device_list\x18\x12 \x01(\v2&.ferry.wire.v1.PublishDeviceListResultH\x00R\x11publishDeviceList\x12L\n" +
+	"\x0fget_device_list\x18\x13 \x01(\v2\".ferry.wire.v1.GetDeviceListResultH\x00R\rgetDeviceList\x12?\n" +
+	"\n" +
+	"link_start\x18\x14 \x01(\v2\x1e.ferry.wire.v1.LinkStartResultH\x00R\tlinkStart\x129\n" +
+	"\bget_link\x18\x15 \x01(\v2\x1c.ferry.wire.v1.GetLinkResultH\x00R\agetLink\x12E\n" +
+	"\fapprove_link\x18\x16 \x01(\v2 .ferry.wire.v1.ApproveLinkResultH\x00R\vapproveLink\x12H\n" +
+	"\rremove_device\x18\x17 \x01(\v2!.ferry.wire.v1.RemoveDeviceResultH\x00R\fremoveDevice\x12A\n" +
+	"\x0esync_to_device\x18\x18 \x01(\v2\x19.ferry.wire.v1.SendResultH\x00R\fsyncToDeviceB\b\n" +
+	"\x06result\"\x86\x02\n" +
 	"\x05Event\x125\n" +
 	"\benvelope\x18\x01 \x01(\v2\x17.ferry.wire.v1.EnvelopeH\x00R\benvelope\x12<\n" +
 	"\vqueue_empty\x18\x02 \x01(\v2\x19.ferry.wire.v1.QueueEmptyH\x00R\n" +
 	"queueEmpty\x12<\n" +
 	"\vprekeys_low\x18\x03 \x01(\v2\x19.ferry.wire.v1.PrekeysLowH\x00R\n" +
-	"prekeysLowB\x06\n" +
+	"prekeysLow\x12B\n" +
+	"\rlink_approved\x18\x04 \x01(\v2\x1b.ferry.wire.v1.LinkApprovedH\x00R\flinkApprovedB\x06\n" +
 	"\x04body\"a\n" +
 	"\x05Hello\x12\x1f\n" +
 	"\vmin_version\x18\x01 \x01(\rR\n" +
@@ -2695,7 +4153,73 @@ const file_ferry_proto_rawDesc = "" +
 	"QueueEmpty\"6\n" +
 	"\n" +
 	"PrekeysLow\x12(\n" +
-	"\x10one_time_prekeys\x18\x01 \x01(\rR\x0eoneTimePrekeys\"\xce\x01\n" +
+	"\x10one_time_prekeys\x18\x01 \x01(\rR\x0eoneTimePrekeys\"\x9b\x01\n" +
+	"\n" +
+	"DeviceList\x12\x1a\n" +
+	"\busername\x18\x01 \x01(\tR\busername\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\x128\n" +
+	"\adevices\x18\x03 \x03(\v2\x1e.ferry.wire.v1.DeviceListEntryR\adevices\x12\x1d\n" +
+	"\n" +
+	"created_ms\x18\x04 \x01(\x03R\tcreatedMs\"Q\n" +
+	"\x0fDeviceListEntry\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\rR\bdeviceId\x12!\n" +
+	"\fidentity_key\x18\x02 \x01(\fR\videntityKey\"D\n" +
+	"\x10SignedDeviceList\x12\x12\n" +
+	"\x04list\x18\x01 \x01(\fR\x04list\x12\x1c\n" +
+	"\tsignature\x18\x02 \x01(\fR\tsignature\"H\n" +
+	"\x11PublishDeviceList\x123\n" +
+	"\x04list\x18\x01 \x01(\v2\x1f.ferry.wire.v1.SignedDeviceListR\x04list\"M\n" +
+	"\x17PublishDeviceListResult\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x18\n" +
+	"\aremoved\x18\x02 \x03(\rR\aremoved\"+\n" +
+	"\rGetDeviceList\x12\x1a\n" +
+	"\busername\x18\x01 \x01(\tR\busername\"J\n" +
+	"\x13GetDeviceListResult\x123\n" +
+	"\x04list\x18\x01 \x01(\v2\x1f.ferry.wire.v1.SignedDeviceListR\x04list\"\x9b\x01\n" +
+	"\tLinkStart\x12\x1d\n" +
+	"\n" +
+	"device_key\x18\x01 \x01(\fR\tdeviceKey\x12'\n" +
+	"\x0fregistration_id\x18\x02 \x01(\rR\x0eregistrationId\x12!\n" +
+	"\fidentity_key\x18\x03 \x01(\fR\videntityKey\x12#\n" +
+	"\rephemeral_key\x18\x04 \x01(\fR\fephemeralKey\"I\n" +
+	"\x0fLinkStartResult\x12\x17\n" +
+	"\acode_id\x18\x01 \x01(\fR\x06codeId\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\x02 \x01(\x03R\texpiresMs\"\"\n" +
+	"\aGetLink\x12\x17\n" +
+	"\acode_id\x18\x01 \x01(\fR\x06codeId\"\xbe\x01\n" +
+	"\rGetLinkResult\x12\x1d\n" +
+	"\n" +
+	"device_key\x18\x01 \x01(\fR\tdeviceKey\x12'\n" +
+	"\x0fregistration_id\x18\x02 \x01(\rR\x0eregistrationId\x12!\n" +
+	"\fidentity_key\x18\x03 \x01(\fR\videntityKey\x12#\n" +
+	"\rephemeral_key\x18\x04 \x01(\fR\fephemeralKey\x12\x1d\n" +
+	"\n" +
+	"expires_ms\x18\x05 \x01(\x03R\texpiresMs\"c\n" +
+	"\vApproveLink\x12\x17\n" +
+	"\acode_id\x18\x01 \x01(\fR\x06codeId\x12#\n" +
+	"\rephemeral_key\x18\x02 \x01(\fR\fephemeralKey\x12\x16\n" +
+	"\x06sealed\x18\x03 \x01(\fR\x06sealed\"0\n" +
+	"\x11ApproveLinkResult\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\rR\bdeviceId\"\x84\x01\n" +
+	"\fLinkApproved\x12\x1a\n" +
+	"\busername\x18\x01 \x01(\tR\busername\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\x12#\n" +
+	"\rephemeral_key\x18\x03 \x01(\fR\fephemeralKey\x12\x16\n" +
+	"\x06sealed\x18\x04 \x01(\fR\x06sealed\"y\n" +
+	"\fLinkMaterial\x12\x1a\n" +
+	"\busername\x18\x01 \x01(\tR\busername\x120\n" +
+	"\x14primary_identity_key\x18\x02 \x01(\fR\x12primaryIdentityKey\x12\x1b\n" +
+	"\tdevice_id\x18\x03 \x01(\rR\bdeviceId\"+\n" +
+	"\fRemoveDevice\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\rR\bdeviceId\"\x14\n" +
+	"\x12RemoveDeviceResult\"\xc3\x01\n" +
+	"\fSyncToDevice\x12\"\n" +
+	"\rclient_msg_id\x18\x01 \x01(\tR\vclientMsgId\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\x12'\n" +
+	"\x0fregistration_id\x18\x03 \x01(\rR\x0eregistrationId\x12/\n" +
+	"\x04type\x18\x04 \x01(\x0e2\x1b.ferry.wire.v1.EnvelopeTypeR\x04type\x12\x18\n" +
+	"\acontent\x18\x05 \x01(\fR\acontent\"\xce\x01\n" +
 	"\x05Error\x12,\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x18.ferry.wire.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
@@ -2708,11 +4232,27 @@ const file_ferry_proto_rawDesc = "" +
 	"\x0eDeviceMismatch\x122\n" +
 	"\amissing\x18\x01 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\amissing\x12.\n" +
 	"\x05extra\x18\x02 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05extra\x12.\n" +
-	"\x05stale\x18\x03 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05stale\"?\n" +
+	"\x05stale\x18\x03 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05stale\"v\n" +
 	"\aContent\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12 \n" +
 	"\fsent_time_ms\x18\x02 \x01(\x03R\n" +
-	"sentTimeMs*\x81\x01\n" +
+	"sentTimeMs\x125\n" +
+	"\ahistory\x18\x03 \x01(\v2\x1b.ferry.wire.v1.HistoryChunkR\ahistory\"]\n" +
+	"\fHistoryChunk\x129\n" +
+	"\bmessages\x18\x01 \x03(\v2\x1d.ferry.wire.v1.HistoryMessageR\bmessages\x12\x12\n" +
+	"\x04last\x18\x02 \x01(\bR\x04last\"\xa1\x02\n" +
+	"\x0eHistoryMessage\x12\x12\n" +
+	"\x04peer\x18\x01 \x01(\tR\x04peer\x12\x14\n" +
+	"\x05group\x18\x02 \x01(\tR\x05group\x12\x1a\n" +
+	"\boutgoing\x18\x03 \x01(\bR\boutgoing\x12\x16\n" +
+	"\x06sender\x18\x04 \x01(\tR\x06sender\x12#\n" +
+	"\rsender_device\x18\x05 \x01(\rR\fsenderDevice\x12\x10\n" +
+	"\x03seq\x18\x06 \x01(\x04R\x03seq\x12$\n" +
+	"\x0eserver_time_ms\x18\a \x01(\x03R\fserverTimeMs\x12\x12\n" +
+	"\x04text\x18\b \x01(\tR\x04text\x12\"\n" +
+	"\rclient_msg_id\x18\t \x01(\tR\vclientMsgId\x12\x1c\n" +
+	"\tdelivered\x18\n" +
+	" \x01(\bR\tdelivered*\x81\x01\n" +
 	"\fEnvelopeType\x12\x1d\n" +
 	"\x19ENVELOPE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSIGNAL_MESSAGE\x10\x02\x12\x19\n" +
@@ -2722,7 +4262,7 @@ const file_ferry_proto_rawDesc = "" +
 	"*:\n" +
 	"\vReceiptKind\x12\x1c\n" +
 	"\x18RECEIPT_KIND_UNSPECIFIED\x10\x00\x12\r\n" +
-	"\tDELIVERED\x10\x01*\xae\x03\n" +
+	"\tDELIVERED\x10\x01*\xb3\x04\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vBAD_REQUEST\x10\x01\x12\x17\n" +
@@ -2746,7 +4286,13 @@ const file_ferry_proto_rawDesc = "" +
 	"\n" +
 	"INBOX_FULL\x10\x12\x12\x0f\n" +
 	"\vUNAVAILABLE\x10\x13\x12\f\n" +
-	"\bINTERNAL\x10\x14B&Z$github.com/ferryhq/ferry/wire/wirepbb\x06proto3"
+	"\bINTERNAL\x10\x14\x12\x0f\n" +
+	"\vNOT_PRIMARY\x10\x15\x12\x14\n" +
+	"\x10TOO_MANY_DEVICES\x10\x16\x12\x17\n" +
+	"\x13DEVICE_LIST_INVALID\x10\x17\x12\x15\n" +
+	"\x11DEVICE_LIST_STALE\x10\x18\x12\x15\n" +
+	"\x11LINK_CODE_INVALID\x10\x19\x12\x15\n" +
+	"\x11LINK_CODE_EXPIRED\x10\x1aB&Z$github.com/ferryhq/ferry/wire/wirepbb\x06proto3"
 
 var (
 	file_ferry_proto_rawDescOnce sync.Once
@@ -2761,44 +4307,64 @@ func file_ferry_proto_rawDescGZIP() []byte {
 }
 
 var file_ferry_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_ferry_proto_goTypes = []any{
-	(EnvelopeType)(0),          // 0: ferry.wire.v1.EnvelopeType
-	(ReceiptKind)(0),           // 1: ferry.wire.v1.ReceiptKind
-	(ErrorCode)(0),             // 2: ferry.wire.v1.ErrorCode
-	(*ClientFrame)(nil),        // 3: ferry.wire.v1.ClientFrame
-	(*ServerFrame)(nil),        // 4: ferry.wire.v1.ServerFrame
-	(*Response)(nil),           // 5: ferry.wire.v1.Response
-	(*Event)(nil),              // 6: ferry.wire.v1.Event
-	(*Hello)(nil),              // 7: ferry.wire.v1.Hello
-	(*Welcome)(nil),            // 8: ferry.wire.v1.Welcome
-	(*Limits)(nil),             // 9: ferry.wire.v1.Limits
-	(*Register)(nil),           // 10: ferry.wire.v1.Register
-	(*RegisterResult)(nil),     // 11: ferry.wire.v1.RegisterResult
-	(*Auth)(nil),               // 12: ferry.wire.v1.Auth
-	(*AuthResult)(nil),         // 13: ferry.wire.v1.AuthResult
-	(*PreKey)(nil),             // 14: ferry.wire.v1.PreKey
-	(*SignedPreKey)(nil),       // 15: ferry.wire.v1.SignedPreKey
-	(*UploadKeys)(nil),         // 16: ferry.wire.v1.UploadKeys
-	(*UploadKeysResult)(nil),   // 17: ferry.wire.v1.UploadKeysResult
-	(*KeyStatus)(nil),          // 18: ferry.wire.v1.KeyStatus
-	(*KeyStatusResult)(nil),    // 19: ferry.wire.v1.KeyStatusResult
-	(*ClaimBundles)(nil),       // 20: ferry.wire.v1.ClaimBundles
-	(*PreKeyBundle)(nil),       // 21: ferry.wire.v1.PreKeyBundle
-	(*ClaimBundlesResult)(nil), // 22: ferry.wire.v1.ClaimBundlesResult
-	(*DeviceCiphertext)(nil),   // 23: ferry.wire.v1.DeviceCiphertext
-	(*Send)(nil),               // 24: ferry.wire.v1.Send
-	(*SendResult)(nil),         // 25: ferry.wire.v1.SendResult
-	(*Ack)(nil),                // 26: ferry.wire.v1.Ack
-	(*AckResult)(nil),          // 27: ferry.wire.v1.AckResult
-	(*Envelope)(nil),           // 28: ferry.wire.v1.Envelope
-	(*Receipt)(nil),            // 29: ferry.wire.v1.Receipt
-	(*QueueEmpty)(nil),         // 30: ferry.wire.v1.QueueEmpty
-	(*PrekeysLow)(nil),         // 31: ferry.wire.v1.PrekeysLow
-	(*Error)(nil),              // 32: ferry.wire.v1.Error
-	(*DeviceRef)(nil),          // 33: ferry.wire.v1.DeviceRef
-	(*DeviceMismatch)(nil),     // 34: ferry.wire.v1.DeviceMismatch
-	(*Content)(nil),            // 35: ferry.wire.v1.Content
+	(EnvelopeType)(0),               // 0: ferry.wire.v1.EnvelopeType
+	(ReceiptKind)(0),                // 1: ferry.wire.v1.ReceiptKind
+	(ErrorCode)(0),                  // 2: ferry.wire.v1.ErrorCode
+	(*ClientFrame)(nil),             // 3: ferry.wire.v1.ClientFrame
+	(*ServerFrame)(nil),             // 4: ferry.wire.v1.ServerFrame
+	(*Response)(nil),                // 5: ferry.wire.v1.Response
+	(*Event)(nil),                   // 6: ferry.wire.v1.Event
+	(*Hello)(nil),                   // 7: ferry.wire.v1.Hello
+	(*Welcome)(nil),                 // 8: ferry.wire.v1.Welcome
+	(*Limits)(nil),                  // 9: ferry.wire.v1.Limits
+	(*Register)(nil),                // 10: ferry.wire.v1.Register
+	(*RegisterResult)(nil),          // 11: ferry.wire.v1.RegisterResult
+	(*Auth)(nil),                    // 12: ferry.wire.v1.Auth
+	(*AuthResult)(nil),              // 13: ferry.wire.v1.AuthResult
+	(*PreKey)(nil),                  // 14: ferry.wire.v1.PreKey
+	(*SignedPreKey)(nil),            // 15: ferry.wire.v1.SignedPreKey
+	(*UploadKeys)(nil),              // 16: ferry.wire.v1.UploadKeys
+	(*UploadKeysResult)(nil),        // 17: ferry.wire.v1.UploadKeysResult
+	(*KeyStatus)(nil),               // 18: ferry.wire.v1.KeyStatus
+	(*KeyStatusResult)(nil),         // 19: ferry.wire.v1.KeyStatusResult
+	(*ClaimBundles)(nil),            // 20: ferry.wire.v1.ClaimBundles
+	(*PreKeyBundle)(nil),            // 21: ferry.wire.v1.PreKeyBundle
+	(*ClaimBundlesResult)(nil),      // 22: ferry.wire.v1.ClaimBundlesResult
+	(*DeviceCiphertext)(nil),        // 23: ferry.wire.v1.DeviceCiphertext
+	(*Send)(nil),                    // 24: ferry.wire.v1.Send
+	(*SendResult)(nil),              // 25: ferry.wire.v1.SendResult
+	(*Ack)(nil),                     // 26: ferry.wire.v1.Ack
+	(*AckResult)(nil),               // 27: ferry.wire.v1.AckResult
+	(*Envelope)(nil),                // 28: ferry.wire.v1.Envelope
+	(*Receipt)(nil),                 // 29: ferry.wire.v1.Receipt
+	(*QueueEmpty)(nil),              // 30: ferry.wire.v1.QueueEmpty
+	(*PrekeysLow)(nil),              // 31: ferry.wire.v1.PrekeysLow
+	(*DeviceList)(nil),              // 32: ferry.wire.v1.DeviceList
+	(*DeviceListEntry)(nil),         // 33: ferry.wire.v1.DeviceListEntry
+	(*SignedDeviceList)(nil),        // 34: ferry.wire.v1.SignedDeviceList
+	(*PublishDeviceList)(nil),       // 35: ferry.wire.v1.PublishDeviceList
+	(*PublishDeviceListResult)(nil), // 36: ferry.wire.v1.PublishDeviceListResult
+	(*GetDeviceList)(nil),           // 37: ferry.wire.v1.GetDeviceList
+	(*GetDeviceListResult)(nil),     // 38: ferry.wire.v1.GetDeviceListResult
+	(*LinkStart)(nil),               // 39: ferry.wire.v1.LinkStart
+	(*LinkStartResult)(nil),         // 40: ferry.wire.v1.LinkStartResult
+	(*GetLink)(nil),                 // 41: ferry.wire.v1.GetLink
+	(*GetLinkResult)(nil),           // 42: ferry.wire.v1.GetLinkResult
+	(*ApproveLink)(nil),             // 43: ferry.wire.v1.ApproveLink
+	(*ApproveLinkResult)(nil),       // 44: ferry.wire.v1.ApproveLinkResult
+	(*LinkApproved)(nil),            // 45: ferry.wire.v1.LinkApproved
+	(*LinkMaterial)(nil),            // 46: ferry.wire.v1.LinkMaterial
+	(*RemoveDevice)(nil),            // 47: ferry.wire.v1.RemoveDevice
+	(*RemoveDeviceResult)(nil),      // 48: ferry.wire.v1.RemoveDeviceResult
+	(*SyncToDevice)(nil),            // 49: ferry.wire.v1.SyncToDevice
+	(*Error)(nil),                   // 50: ferry.wire.v1.Error
+	(*DeviceRef)(nil),               // 51: ferry.wire.v1.DeviceRef
+	(*DeviceMismatch)(nil),          // 52: ferry.wire.v1.DeviceMismatch
+	(*Content)(nil),                 // 53: ferry.wire.v1.Content
+	(*HistoryChunk)(nil),            // 54: ferry.wire.v1.HistoryChunk
+	(*HistoryMessage)(nil),          // 55: ferry.wire.v1.HistoryMessage
 }
 var file_ferry_proto_depIdxs = []int32{
 	7,  // 0: ferry.wire.v1.ClientFrame.hello:type_name -> ferry.wire.v1.Hello
@@ -2809,41 +4375,62 @@ var file_ferry_proto_depIdxs = []int32{
 	24, // 5: ferry.wire.v1.ClientFrame.send:type_name -> ferry.wire.v1.Send
 	26, // 6: ferry.wire.v1.ClientFrame.ack:type_name -> ferry.wire.v1.Ack
 	18, // 7: ferry.wire.v1.ClientFrame.key_status:type_name -> ferry.wire.v1.KeyStatus
-	5,  // 8: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
-	6,  // 9: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
-	32, // 10: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
-	8,  // 11: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
-	11, // 12: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
-	13, // 13: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
-	17, // 14: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
-	22, // 15: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
-	25, // 16: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
-	27, // 17: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
-	19, // 18: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
-	28, // 19: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
-	30, // 20: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
-	31, // 21: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
-	9,  // 22: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
-	15, // 23: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	14, // 24: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
-	15, // 25: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	14, // 26: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
-	21, // 27: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
-	0,  // 28: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
-	23, // 29: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
-	0,  // 30: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
-	29, // 31: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
-	1,  // 32: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
-	2,  // 33: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
-	34, // 34: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
-	33, // 35: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
-	33, // 36: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
-	33, // 37: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
-	38, // [38:38] is the sub-list for method output_type
-	38, // [38:38] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	35, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
+	37, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
+	39, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
+	41, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
+	43, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
+	47, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
+	49, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
+	5,  // 15: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
+	6,  // 16: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
+	50, // 17: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
+	8,  // 18: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
+	11, // 19: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
+	13, // 20: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
+	17, // 21: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
+	22, // 22: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
+	25, // 23: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
+	27, // 24: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
+	19, // 25: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
+	36, // 26: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
+	38, // 27: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
+	40, // 28: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
+	42, // 29: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
+	44, // 30: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
+	48, // 31: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
+	25, // 32: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
+	28, // 33: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
+	30, // 34: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
+	31, // 35: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
+	45, // 36: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
+	9,  // 37: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
+	15, // 38: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	14, // 39: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
+	15, // 40: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	14, // 41: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
+	21, // 42: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
+	0,  // 43: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
+	23, // 44: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
+	0,  // 45: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
+	29, // 46: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
+	1,  // 47: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
+	33, // 48: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
+	34, // 49: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
+	34, // 50: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
+	0,  // 51: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
+	2,  // 52: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
+	52, // 53: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
+	51, // 54: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
+	51, // 55: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
+	51, // 56: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
+	54, // 57: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
+	55, // 58: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
+	59, // [59:59] is the sub-list for method output_type
+	59, // [59:59] is the sub-list for method input_type
+	59, // [59:59] is the sub-list for extension type_name
+	59, // [59:59] is the sub-list for extension extendee
+	0,  // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -2860,6 +4447,13 @@ func file_ferry_proto_init() {
 		(*ClientFrame_Send)(nil),
 		(*ClientFrame_Ack)(nil),
 		(*ClientFrame_KeyStatus)(nil),
+		(*ClientFrame_PublishDeviceList)(nil),
+		(*ClientFrame_GetDeviceList)(nil),
+		(*ClientFrame_LinkStart)(nil),
+		(*ClientFrame_GetLink)(nil),
+		(*ClientFrame_ApproveLink)(nil),
+		(*ClientFrame_RemoveDevice)(nil),
+		(*ClientFrame_SyncToDevice)(nil),
 	}
 	file_ferry_proto_msgTypes[1].OneofWrappers = []any{
 		(*ServerFrame_Response)(nil),
@@ -2874,11 +4468,19 @@ func file_ferry_proto_init() {
 		(*Response_Send)(nil),
 		(*Response_Ack)(nil),
 		(*Response_KeyStatus)(nil),
+		(*Response_PublishDeviceList)(nil),
+		(*Response_GetDeviceList)(nil),
+		(*Response_LinkStart)(nil),
+		(*Response_GetLink)(nil),
+		(*Response_ApproveLink)(nil),
+		(*Response_RemoveDevice)(nil),
+		(*Response_SyncToDevice)(nil),
 	}
 	file_ferry_proto_msgTypes[3].OneofWrappers = []any{
 		(*Event_Envelope)(nil),
 		(*Event_QueueEmpty)(nil),
 		(*Event_PrekeysLow)(nil),
+		(*Event_LinkApproved)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2886,7 +4488,7 @@ func file_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   33,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
