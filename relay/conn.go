@@ -236,6 +236,8 @@ func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
 			return c.register(f.Id, b.Register)
 		case *wirepb.ClientFrame_Auth:
 			return c.auth(f.Id, b.Auth)
+		case *wirepb.ClientFrame_LinkStart:
+			return c.linkStart(f.Id, b.LinkStart)
 		default:
 			return c.badFrame(f.Id, wire.Errorf(wirepb.ErrorCode_UNEXPECTED_FRAME, "authenticate first (Register or Auth)"))
 		}

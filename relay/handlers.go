@@ -160,6 +160,42 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 		if r, err = c.ack(ctx, b.Ack); err == nil {
 			res = &wirepb.Response{Result: &wirepb.Response_Ack{Ack: r}}
 		}
+	case *wirepb.ClientFrame_PublishDeviceList:
+		kind = "publish_device_list"
+		var r *wirepb.PublishDeviceListResult
+		if r, err = c.publishDeviceList(ctx, b.PublishDeviceList); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_PublishDeviceList{PublishDeviceList: r}}
+		}
+	case *wirepb.ClientFrame_GetDeviceList:
+		kind = "get_device_list"
+		var r *wirepb.GetDeviceListResult
+		if r, err = c.getDeviceList(ctx, b.GetDeviceList); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_GetDeviceList{GetDeviceList: r}}
+		}
+	case *wirepb.ClientFrame_GetLink:
+		kind = "get_link"
+		var r *wirepb.GetLinkResult
+		if r, err = c.getLink(ctx, b.GetLink); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_GetLink{GetLink: r}}
+		}
+	case *wirepb.ClientFrame_ApproveLink:
+		kind = "approve_link"
+		var r *wirepb.ApproveLinkResult
+		if r, err = c.approveLink(ctx, b.ApproveLink); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_ApproveLink{ApproveLink: r}}
+		}
+	case *wirepb.ClientFrame_RemoveDevice:
+		kind = "remove_device"
+		var r *wirepb.RemoveDeviceResult
+		if r, err = c.removeDevice(ctx, b.RemoveDevice); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_RemoveDevice{RemoveDevice: r}}
+		}
+	case *wirepb.ClientFrame_SyncToDevice:
+		kind = "sync_to_device"
+		var r *wirepb.SendResult
+		if r, err = c.syncToDevice(ctx, b.SyncToDevice); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_SyncToDevice{SyncToDevice: r}}
+		}
 	default:
 		kind, err = "unknown", wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "unknown request")
 	}
