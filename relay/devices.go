@@ -10,7 +10,9 @@ import (
 	"github.com/ferryhq/ferry/wire/wirepb"
 )
 
-func errNotYet() error { return wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: not implemented yet") }
+func errNotYet() error {
+	return wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: not implemented yet")
+}
 
 // linkStart runs on the reader (handshake state); it reports whether the
 // connection stays open.
