@@ -107,6 +107,7 @@ func (c *Client) loadDevice(ctx context.Context) error {
 		return err
 	}
 	c.username, c.deviceID, c.key, c.dev = string(user), uint32(id), ed25519.PrivateKey(key), dev
+	c.dev.SetIdentityVerifier(c.checkIdentity)
 	return nil
 }
 
@@ -171,6 +172,7 @@ func (c *Client) Register(ctx context.Context, username string) error {
 		}
 	}
 	c.username, c.deviceID, c.key, c.dev = username, id, key, dev
+	c.dev.SetIdentityVerifier(c.checkIdentity)
 	up, err := dev.InitialUpload(ctx)
 	if err != nil {
 		return err
@@ -178,7 +180,13 @@ func (c *Client) Register(ctx context.Context, username string) error {
 	if _, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_UploadKeys{UploadKeys: up}}); err != nil {
 		return fmt.Errorf("client: upload keys: %w", err)
 	}
-	return nil
+	// The account's first signed device list: this primary alone. Its own
+	// identity key is the one that signs every later list.
+	if err := c.st.SetSetting(ctx, setPinned+username, dev.IdentityKey()); err != nil {
+		return err
+	}
+	_, _, err = c.publishList(ctx, conn, []*wirepb.DeviceListEntry{{DeviceId: id, IdentityKey: dev.IdentityKey()}})
+	return err
 }
 
 // connect dials and authenticates. A receiving connection also makes sure
@@ -305,6 +313,13 @@ func (c *Client) SendWithID(ctx context.Context, id, to, text string) (Sent, err
 				return Sent{}, err
 			}
 			continue
+		case errors.Is(err, ErrUnlistedDevice):
+			// A just-linked device shows up on the server a moment before
+			// its primary publishes the list naming it: look again a few
+			// times, then refuse for good.
+			if rounds++; rounds > maxMismatchRounds {
+				return Sent{}, err
+			}
 		case ctx.Err() != nil || !retryable(err):
 			return Sent{}, err
 		}
@@ -392,6 +407,11 @@ func (c *Client) claim(ctx context.Context, conn *Conn, account string, ids []ui
 	for _, b := range r.GetClaimBundles().GetBundles() {
 		if account == c.username && b.DeviceId == c.deviceID {
 			continue
+		}
+		// Only devices on the account's signed list get a session; the
+		// identity verifier then checks the bundle's key against the list.
+		if err := c.ensureListed(ctx, conn, account, b.DeviceId); err != nil {
+			return err
 		}
 		if err := c.dev.BuildSession(ctx, account, b); err != nil {
 			if !errors.Is(err, e2ee.ErrIdentityChanged) {

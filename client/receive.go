@@ -20,6 +20,9 @@ type Event struct {
 	Receipt *wirepb.Receipt
 	// Err is why Message could not be decrypted.
 	Err error
+	// Imported counts history messages added from a chunk another device of
+	// this account sent (after linking); set with Message nil.
+	Imported int
 }
 
 // ReceiveOptions for Receive.
@@ -107,7 +110,7 @@ func (c *Client) serve(ctx context.Context, conn *Conn, o ReceiveOptions) (done 
 		}
 		switch b := ev.Body.(type) {
 		case *wirepb.Event_Envelope:
-			if err := c.handleEnvelope(ctx, b.Envelope, o.Handle); err != nil {
+			if err := c.handleEnvelope(ctx, conn, b.Envelope, o.Handle); err != nil {
 				return false, err
 			}
 			pending = append(pending, b.Envelope.Id)
@@ -138,7 +141,7 @@ func (c *Client) serve(ctx context.Context, conn *Conn, o ReceiveOptions) (done 
 // handleEnvelope stores one envelope's effect locally. An error means the
 // envelope must not be acked (local storage trouble); undecryptable
 // messages are recorded as failed and acked.
-func (c *Client) handleEnvelope(ctx context.Context, env *wirepb.Envelope, handle func(Event)) error {
+func (c *Client) handleEnvelope(ctx context.Context, conn *Conn, env *wirepb.Envelope, handle func(Event)) error {
 	if env.Type == wirepb.EnvelopeType_RECEIPT {
 		r := env.Receipt
 		if r == nil {
@@ -156,8 +159,23 @@ func (c *Client) handleEnvelope(ctx context.Context, env *wirepb.Envelope, handl
 		}
 		return nil
 	}
+	// Messages are accepted only from devices on the sender's signed list
+	// (the identity verifier checks the key); learn a new list first.
+	if seen, err := c.st.Seen(ctx, env.Id); err != nil {
+		return err
+	} else if !seen && env.Sender != "" && env.SenderDevice != 0 {
+		if err := c.ensureListed(ctx, conn, env.Sender, env.SenderDevice); err != nil && (retryable(err) || ctx.Err() != nil) {
+			return err // could not ask: try again after reconnecting
+		}
+	}
 	msg, dup, err := c.dev.Receive(ctx, c.username, env)
 	if dup {
+		return nil
+	}
+	if msg != nil && msg.HistoryChunk {
+		if handle != nil {
+			handle(Event{Imported: msg.Imported})
+		}
 		return nil
 	}
 	if err != nil && !errors.Is(err, e2ee.ErrDecrypt) {

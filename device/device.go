@@ -2,7 +2,9 @@
 // authentication.
 //
 // An account is one record under key 'a' username (storepb.Account) holding
-// its devices, ordered by id. Device 1 is the primary device, created by
+// its devices, ordered by id. Its newest signed device list, as published by
+// the primary (see PublishDeviceList and package devicelist), is kept under
+// key 'l' username. Device 1 is the primary device, created by
 // Register; AddDevice gives later devices the account's next id, and ids are
 // never reused. Every change is one synced Pebble write of the whole record,
 // made under a per-username lock, so concurrent changes to one account are
@@ -28,6 +30,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/ferryhq/ferry/device/devicelist"
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
@@ -45,7 +48,9 @@ type Options struct {
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	// MaxDevices is how many devices an account may have at once, the
-	// primary included; 0 means DefaultMaxDevices.
+	// primary included; 0 means DefaultMaxDevices. A signed device list can
+	// name at most devicelist.MaxDevices devices, so larger values are
+	// lowered to that.
 	MaxDevices int
 }
 
@@ -59,7 +64,7 @@ type Store struct {
 }
 
 // New returns a Store over db, which it reads and writes only under the
-// store.PrefixAccount prefix.
+// store.PrefixAccount and store.PrefixDeviceList prefixes.
 func New(db *pebble.DB, o Options) *Store {
 	s := &Store{db: db, now: o.Now, maxDevices: o.MaxDevices, seed: maphash.MakeSeed()}
 	if s.now == nil {
@@ -68,6 +73,7 @@ func New(db *pebble.DB, o Options) *Store {
 	if s.maxDevices <= 0 {
 		s.maxDevices = DefaultMaxDevices
 	}
+	s.maxDevices = min(s.maxDevices, devicelist.MaxDevices)
 	return s
 }
 

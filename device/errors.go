@@ -31,6 +31,12 @@ var (
 	ErrTooManyDevices = &wire.Error{Code: wirepb.ErrorCode_TOO_MANY_DEVICES, Message: "device: account has the maximum number of devices"}
 	// ErrPrimaryDevice: RemoveDevice of device 1, the primary device.
 	ErrPrimaryDevice = &wire.Error{Code: wirepb.ErrorCode_BAD_REQUEST, Message: "device: the primary device cannot be removed"}
+	// ErrDeviceListInvalid: a published device list does not verify, is
+	// another account's, or names a device the account does not have.
+	// (Errors of package devicelist pass through unchanged and match it by code.)
+	ErrDeviceListInvalid = &wire.Error{Code: wirepb.ErrorCode_DEVICE_LIST_INVALID, Message: "device: invalid device list"}
+	// ErrDeviceListStale: a published list's version is not greater than the stored one's.
+	ErrDeviceListStale = &wire.Error{Code: wirepb.ErrorCode_DEVICE_LIST_STALE, Message: "device: device list version is not newer than the stored one"}
 	// ErrInternal: a stored record does not decode, or storage failed.
 	ErrInternal = &wire.Error{Code: wirepb.ErrorCode_INTERNAL, Message: "device: internal error", Retryable: true}
 )

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/ferryhq/ferry/device"
+	"github.com/ferryhq/ferry/device/devicelist"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
 )
@@ -24,6 +25,9 @@ func FuzzValidateUsername(f *testing.F) {
 		err := device.ValidateUsername(name)
 		if ok := usernameRE.MatchString(name); ok != (err == nil) {
 			t.Fatalf("ValidateUsername(%q) = %v, rule says valid=%v", name, err, ok)
+		}
+		if devicelist.ValidUsername(name) != (err == nil) {
+			t.Fatalf("devicelist.ValidUsername(%q) disagrees with ValidateUsername (%v)", name, err)
 		}
 		if err != nil && !errors.Is(err, device.ErrInvalidUsername) {
 			t.Fatalf("ValidateUsername(%q) = %v, not ErrInvalidUsername", name, err)

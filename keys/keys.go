@@ -381,6 +381,25 @@ func (s *Store) Count(ctx context.Context, dev wire.DeviceAddr) (oneTime int, ha
 	return held.n, rec != nil, nil
 }
 
+// IdentityKey returns the identity key device dev uploaded (a fresh copy),
+// or nil if it has uploaded none.
+func (s *Store) IdentityKey(ctx context.Context, dev wire.DeviceAddr) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("keys: identity key of %s: %w", dev, err)
+	}
+	if err := checkAddr(dev); err != nil {
+		return nil, fmt.Errorf("keys: identity key: %w", err)
+	}
+	rec, err := s.loadKeys(dev)
+	if err != nil {
+		return nil, fmt.Errorf("keys: identity key of %s: %w", dev, err)
+	}
+	if rec == nil {
+		return nil, nil
+	}
+	return slices.Clone(rec.IdentityKey), nil
+}
+
 // DeleteDevice deletes all keys of device dev in one synced batch (when the
 // device is removed). Deleting a device without keys is not an error.
 func (s *Store) DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error {

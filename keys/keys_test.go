@@ -793,3 +793,29 @@ func TestConcurrentVerify(t *testing.T) {
 		t.Fatalf("altered vector: %v", err)
 	}
 }
+
+func TestIdentityKey(t *testing.T) {
+	ctx := context.Background()
+	s, _ := newStore(t, keys.Options{})
+	if k, err := s.IdentityKey(ctx, alice1); k != nil || err != nil {
+		t.Fatalf("before upload: %x %v", k, err)
+	}
+	_, up := firstUpload(t, s, alice1, 1)
+	k, err := s.IdentityKey(ctx, alice1)
+	if err != nil || !bytes.Equal(k, up.IdentityKey) {
+		t.Fatalf("after upload: %x %v", k, err)
+	}
+	k[1] ^= 1 // a fresh copy: changing it changes nothing stored
+	if k2, _ := s.IdentityKey(ctx, alice1); !bytes.Equal(k2, up.IdentityKey) {
+		t.Fatal("IdentityKey returned stored memory")
+	}
+	if err := s.DeleteDevice(ctx, alice1); err != nil {
+		t.Fatal(err)
+	}
+	if k, err := s.IdentityKey(ctx, alice1); k != nil || err != nil {
+		t.Fatalf("after delete: %x %v", k, err)
+	}
+	if _, err := s.IdentityKey(ctx, wire.DeviceAddr{Account: "alice", Device: 0}); wire.CodeOf(err) != wirepb.ErrorCode_BAD_REQUEST {
+		t.Fatalf("device 0: %v", err)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
 )
 
 // Config of the gateway. Each field's zero value means the default given in
@@ -36,6 +37,20 @@ type Config struct {
 	// wait for room in a full send queue before the client is dropped as a
 	// slow consumer. 0 = 10s.
 	WriteTimeout time.Duration
+	// LinkTTL is how long a link code (LinkStart) stays valid. 0 = 10 min.
+	LinkTTL time.Duration
+	// MaxPendingLinks bounds the link codes held at once (each also holds a
+	// connection); over it LinkStart is RATE_LIMITED. 0 = 10000.
+	MaxPendingLinks int
+	// LinkStartRate and LinkStartBurst limit LinkStart per remote IP (per
+	// /64 for IPv6). 0 = 5 per minute, burst 5.
+	LinkStartRate  rate.Limit
+	LinkStartBurst int
+	// LinkAttemptRate and LinkAttemptBurst limit GetLink and ApproveLink
+	// together per requesting device: guessing codes is an attack.
+	// 0 = 10 per minute, burst 10.
+	LinkAttemptRate  rate.Limit
+	LinkAttemptBurst int
 	// AllowedOrigins lists browser origins allowed to connect. Requests
 	// without an Origin header (native apps) are always allowed. Empty =
 	// same host only.
@@ -59,6 +74,15 @@ func (c *Config) setDefaults() {
 	def(&c.MaxPrekeysPerUpload, 100)
 	def(&c.DeliveryWindow, 64)
 	def(&c.MaxInflightRequests, 32)
+	def(&c.MaxPendingLinks, 10000)
+	def(&c.LinkStartBurst, 5)
+	def(&c.LinkAttemptBurst, 10)
+	if c.LinkStartRate <= 0 {
+		c.LinkStartRate = rate.Every(time.Minute / 5)
+	}
+	if c.LinkAttemptRate <= 0 {
+		c.LinkAttemptRate = rate.Every(time.Minute / 10)
+	}
 	defd := func(v *time.Duration, d time.Duration) {
 		if *v <= 0 {
 			*v = d
@@ -67,6 +91,7 @@ func (c *Config) setDefaults() {
 	defd(&c.HandshakeTimeout, 10*time.Second)
 	defd(&c.PingInterval, 30*time.Second)
 	defd(&c.WriteTimeout, 10*time.Second)
+	defd(&c.LinkTTL, 10*time.Minute)
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}

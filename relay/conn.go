@@ -43,6 +43,7 @@ type conn struct {
 	state     int
 	challenge []byte
 	badFrames int
+	link      *pendingLink // this connection's link code (LinkStart), if any
 
 	// set by the reader before any handler or the pump starts, read-only after
 	addr     wire.DeviceAddr
@@ -124,9 +125,11 @@ func (c *conn) run() {
 
 	c.readLoop()
 	c.close(websocket.CloseNormalClosure, "")
+	c.endLink()
 	c.handlers.Wait()
 	if c.state == stateAuthed {
 		m.authed.Dec()
+		c.untrackDevice()
 		if !c.sendOnly {
 			c.s.hub.unregister(c.addr, c)
 			<-c.pumpDone
@@ -200,6 +203,8 @@ func (c *conn) readFailed(err error) {
 	case errors.As(err, &ne) && ne.Timeout():
 		if c.state == stateAuthed {
 			c.close(wire.ClosePingTimeout, "no pong")
+		} else if c.link != nil {
+			c.close(wire.CloseHandshakeTimeout, "link code expired")
 		} else {
 			c.close(wire.CloseHandshakeTimeout, "handshake took too long")
 		}
@@ -233,6 +238,9 @@ func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
 	case stateHello:
 		switch b := f.Body.(type) {
 		case *wirepb.ClientFrame_Register:
+			if c.link != nil {
+				return c.badFrame(f.Id, wire.Errorf(wirepb.ErrorCode_UNEXPECTED_FRAME, "a linking connection cannot register"))
+			}
 			return c.register(f.Id, b.Register)
 		case *wirepb.ClientFrame_Auth:
 			return c.auth(f.Id, b.Auth)
@@ -243,7 +251,7 @@ func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
 		}
 	}
 	switch f.Body.(type) {
-	case *wirepb.ClientFrame_Hello, *wirepb.ClientFrame_Register, *wirepb.ClientFrame_Auth:
+	case *wirepb.ClientFrame_Hello, *wirepb.ClientFrame_Register, *wirepb.ClientFrame_Auth, *wirepb.ClientFrame_LinkStart:
 		return c.badFrame(f.Id, wire.Errorf(wirepb.ErrorCode_UNEXPECTED_FRAME, "already authenticated"))
 	}
 	c.badFrames = 0
@@ -267,6 +275,7 @@ func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
 // delivery loop. Called by the reader once authenticated.
 func (c *conn) startDelivery() {
 	c.s.metrics.authed.Inc()
+	c.trackDevice()
 	// From now on the peer must answer pings (or send frames).
 	_ = c.ws.SetReadDeadline(time.Now().Add(2 * c.s.cfg.PingInterval))
 	if c.sendOnly {

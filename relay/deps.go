@@ -14,6 +14,10 @@ type Accounts interface {
 	Register(ctx context.Context, username string, signingKey []byte, registrationID uint32) (*storepb.Device, error)
 	Account(ctx context.Context, username string) (*storepb.Account, error)
 	Device(ctx context.Context, addr wire.DeviceAddr) (*storepb.Device, error)
+	AddDevice(ctx context.Context, username string, signingKey []byte, registrationID uint32) (*storepb.Device, error)
+	RemoveDevice(ctx context.Context, addr wire.DeviceAddr) error
+	DeviceList(ctx context.Context, username string) (*wirepb.SignedDeviceList, uint64, error)
+	PublishDeviceList(ctx context.Context, username string, signed *wirepb.SignedDeviceList, primaryIdentity []byte) ([]uint32, error)
 }
 
 // Prekeys is what the relay needs of the prekey directory.
@@ -22,6 +26,8 @@ type Prekeys interface {
 	Claim(ctx context.Context, requester wire.DeviceAddr, account string, deviceIDs []uint32) ([]*wirepb.PreKeyBundle, error)
 	Count(ctx context.Context, dev wire.DeviceAddr) (int, bool, error)
 	LowThreshold() int
+	IdentityKey(ctx context.Context, dev wire.DeviceAddr) ([]byte, error)
+	DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error
 }
 
 // Inbox is what the relay needs of the inbox store.
@@ -31,6 +37,7 @@ type Inbox interface {
 	Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]inbox.Item, error)
 	Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (*wirepb.Envelope, error)
 	Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]inbox.Entry) ([]uint64, error)
+	DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error
 }
 
 // Deps are the stores the relay serves from.

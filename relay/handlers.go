@@ -131,7 +131,7 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 	case *wirepb.ClientFrame_UploadKeys:
 		kind = "upload_keys"
 		var n int
-		if n, err = c.s.deps.Prekeys.Upload(ctx, c.addr, b.UploadKeys); err == nil {
+		if n, err = c.uploadKeys(ctx, b.UploadKeys); err == nil {
 			res = &wirepb.Response{Result: &wirepb.Response_UploadKeys{UploadKeys: &wirepb.UploadKeysResult{OneTimePrekeys: uint32(n)}}}
 		}
 	case *wirepb.ClientFrame_KeyStatus:
@@ -189,6 +189,9 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 		var r *wirepb.RemoveDeviceResult
 		if r, err = c.removeDevice(ctx, b.RemoveDevice); err == nil {
 			res = &wirepb.Response{Result: &wirepb.Response_RemoveDevice{RemoveDevice: r}}
+			if b.RemoveDevice.DeviceId == c.addr.Device {
+				defer c.close(wire.CloseDeviceRemoved, "device removed") // after the response is queued
+			}
 		}
 	case *wirepb.ClientFrame_SyncToDevice:
 		kind = "sync_to_device"

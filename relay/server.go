@@ -24,6 +24,7 @@ type Server struct {
 	cfg      Config
 	deps     Deps
 	hub      *hub
+	dev      *deviceState // device lists, linking, connections per device
 	metrics  *metrics
 	upgrader websocket.Upgrader
 	log      logger
@@ -42,6 +43,7 @@ func New(cfg Config, deps Deps) *Server {
 		cfg:     cfg,
 		deps:    deps,
 		hub:     newHub(),
+		dev:     newDeviceState(&cfg),
 		metrics: newMetrics(cfg.Registerer),
 		conns:   make(map[*conn]struct{}),
 		log:     logger{cfg.Logger},

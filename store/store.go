@@ -6,6 +6,7 @@
 // safe separator):
 //
 //	'a' username                                    device:  Account record (storepb.Account)
+//	'l' username                                    device:  newest signed device list (wirepb.SignedDeviceList)
 //	'k' 's' username 0x00 device(4)                 keys:    DeviceKeys (identity + signed prekey)
 //	'k' 'o' username 0x00 device(4) prekey_id(4)    keys:    one-time prekey public key (33 bytes)
 //	'i' username 0x00 device(4) envelope_id(8)      inbox:   wirepb.Envelope bytes
@@ -27,12 +28,13 @@ import (
 
 // Key prefixes, one byte each.
 const (
-	PrefixAccount   = 'a'
-	PrefixKeys      = 'k'
-	PrefixInbox     = 'i'
-	PrefixInboxMeta = 'm'
-	PrefixConvSeq   = 'q'
-	PrefixDedup     = 'd'
+	PrefixAccount    = 'a'
+	PrefixDeviceList = 'l'
+	PrefixKeys       = 'k'
+	PrefixInbox      = 'i'
+	PrefixInboxMeta  = 'm'
+	PrefixConvSeq    = 'q'
+	PrefixDedup      = 'd'
 )
 
 // ErrOpen wraps every failure to open the database.

@@ -94,6 +94,9 @@ var (
 	// ErrIdentityChanged: a peer device's identity key differs from the one
 	// trusted before. The operation succeeded and the new key is now trusted.
 	ErrIdentityChanged = errors.New("e2ee: identity key changed")
+	// ErrUntrustedIdentity: the identity verifier (SetIdentityVerifier)
+	// rejected a remote identity key; no session was built or changed.
+	ErrUntrustedIdentity = errors.New("e2ee: untrusted identity key")
 	// ErrDecrypt: an envelope could not be decrypted or decoded. Receive
 	// has recorded it as a failed history row and marked it seen: ack it.
 	ErrDecrypt = errors.New("e2ee: cannot decrypt")
@@ -177,6 +180,7 @@ type Device struct {
 	priv  [32]byte
 
 	onIDChange atomic.Pointer[func(account string, deviceID uint32)]
+	verifier   atomic.Pointer[func(account string, deviceID uint32, identityKey []byte) error]
 
 	mu sync.Mutex // serializes Encrypt, Receive, BuildSession, DropSession, NewPreKeys
 }
@@ -408,3 +412,22 @@ func (d *Device) SetIdentityChangeHandler(fn func(account string, deviceID uint3
 }
 
 func validKey(k []byte) bool { return len(k) == keyLen && k[0] == djbType }
+
+// IdentityPrivateKey is this device's identity private key, for signing
+// device lists (the primary) with XEdDSA. It never leaves the device.
+func (d *Device) IdentityPrivateKey() ecc.ECPrivateKeyable {
+	return ecc.NewDjbECPrivateKey(d.priv)
+}
+
+// SetIdentityVerifier installs a check every remote identity key must pass
+// before a session is built with it or a session-creating message is
+// accepted (the client checks keys against verified, signed device lists).
+// A key it rejects makes BuildSession fail and Receive record the message as
+// failed, with the verifier's error wrapped.
+func (d *Device) SetIdentityVerifier(fn func(account string, deviceID uint32, identityKey []byte) error) {
+	if fn == nil {
+		d.verifier.Store(nil)
+		return
+	}
+	d.verifier.Store(&fn)
+}

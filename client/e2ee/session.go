@@ -142,6 +142,9 @@ func (d *Device) BuildSession(ctx context.Context, account string, b *wirepb.Pre
 			if ss.err != nil {
 				return ss.err
 			}
+			if ss.untrusted != nil {
+				return fmt.Errorf("%w %s: %w", ErrUntrustedIdentity, addr, ss.untrusted)
+			}
 			return fmt.Errorf("%w: %w", ErrInvalidBundle, err)
 		}
 		changed = len(ss.changed) > 0
@@ -302,8 +305,11 @@ func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (
 		}
 		ss := d.sigStore(tx)
 		pt, err := d.decrypt(ctx, ss, env)
+		var content *wirepb.Content
 		if err == nil {
-			m.Text, err = decodeContent(pt)
+			if content, err = decodeContent(pt); err == nil {
+				m.Text = content.Text
+			}
 		}
 		if err != nil {
 			// A local failure is not the envelope's fault: leave it unseen.
@@ -317,6 +323,16 @@ func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (
 			return errRollback // drop whatever the library stored
 		}
 		changed = ss.changed
+		if h := content.GetHistory(); h != nil && m.Outgoing && env.Seq == 0 {
+			// A history chunk from another device of this account (sent with
+			// SyncToDevice): import its messages; the chunk itself is no message.
+			n, err := tx.ImportHistory(ctx, historyMessages(h))
+			if err != nil {
+				return err
+			}
+			m.HistoryChunk, m.Imported = true, n
+			return tx.MarkSeen(ctx, env.Id)
+		}
 		return addAndMarkSeen(ctx, tx, &m)
 	})
 	if dup {
@@ -488,14 +504,28 @@ func checkPreKeySignalMessage(b []byte) error {
 }
 
 // decodeContent unpads a plaintext and decodes the Content in it.
-func decodeContent(pt []byte) (string, error) {
+func decodeContent(pt []byte) (*wirepb.Content, error) {
 	b, err := Unpad(pt)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	var c wirepb.Content
 	if err := proto.Unmarshal(b, &c); err != nil {
-		return "", fmt.Errorf("%w: content: %w", errMalformed, err)
+		return nil, fmt.Errorf("%w: content: %w", errMalformed, err)
 	}
-	return c.Text, nil
+	return &c, nil
+}
+
+// historyMessages converts a history chunk for the local store.
+func historyMessages(h *wirepb.HistoryChunk) []localstore.Message {
+	out := make([]localstore.Message, 0, len(h.Messages))
+	for _, x := range h.Messages {
+		m := localstore.Message{Peer: x.Peer, Group: x.Group, Outgoing: x.Outgoing, Sender: x.Sender,
+			SenderDevice: x.SenderDevice, Seq: x.Seq, Text: x.Text, ClientMsgID: x.ClientMsgId, Delivered: x.Delivered}
+		if x.ServerTimeMs != 0 {
+			m.ServerTime = time.UnixMilli(x.ServerTimeMs)
+		}
+		out = append(out, m)
+	}
+	return out
 }

@@ -27,6 +27,8 @@ type sigStore struct {
 	err error
 	// changed lists addresses whose trusted identity key was replaced.
 	changed []*protocol.SignalAddress
+	// untrusted is the identity verifier's error, if it rejected a key.
+	untrusted error
 }
 
 var (
@@ -64,6 +66,12 @@ func (s *sigStore) SaveIdentity(ctx context.Context, addr *protocol.SignalAddres
 	if !validKey(k) {
 		return errors.New("e2ee: malformed identity key")
 	}
+	if v := s.d.verifier.Load(); v != nil {
+		if err := (*v)(addr.Name(), addr.DeviceID(), k); err != nil {
+			s.untrusted = err
+			return fmt.Errorf("%w %s: %w", ErrUntrustedIdentity, addr, err)
+		}
+	}
 	replaced, err := s.tx.SaveRemoteIdentity(ctx, addr.String(), k)
 	if err != nil {
 		return s.fail(err)
@@ -74,10 +82,26 @@ func (s *sigStore) SaveIdentity(ctx context.Context, addr *protocol.SignalAddres
 	return nil
 }
 
-// IsTrustedIdentity trusts every key: on first use it is recorded, and a
-// changed key is accepted, recorded and reported (see SaveIdentity and the
-// package documentation).
+// IsTrustedIdentity asks the device's identity verifier (see
+// Device.SetIdentityVerifier) if one is set; without one it trusts every
+// key: on first use it is recorded, and a changed key is accepted, recorded
+// and reported (see SaveIdentity and the package documentation).
 func (s *sigStore) IsTrustedIdentity(ctx context.Context, addr *protocol.SignalAddress, key *identity.Key) (bool, error) {
+	v := s.d.verifier.Load()
+	if v == nil {
+		return true, nil
+	}
+	if key == nil || key.PublicKey() == nil {
+		return false, nil
+	}
+	k := key.Serialize()
+	if !validKey(k) {
+		return false, nil
+	}
+	if err := (*v)(addr.Name(), addr.DeviceID(), k); err != nil {
+		s.untrusted = err
+		return false, nil
+	}
 	return true, nil
 }
 

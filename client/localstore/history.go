@@ -25,6 +25,11 @@ type Message struct {
 	EnvelopeID   uint64 // the envelope it came in; 0 for this device's own sends
 	Delivered    bool   // ✓✓ for outgoing: a recipient device acked it
 	Failed       bool   // the envelope could not be decrypted; Text is empty
+	// HistoryChunk and Imported are set (not stored) on what
+	// e2ee.Device.Receive returns for a history chunk from another device of
+	// this account: it is no message itself; Imported messages were added.
+	HistoryChunk bool
+	Imported     int
 }
 
 // ErrInvalidMessage is returned for a history row that cannot be stored as
@@ -110,8 +115,52 @@ func (t *Tx) AddReceived(ctx context.Context, m Message) (int64, error) {
 	if m.EnvelopeID == 0 {
 		return 0, fmt.Errorf("%w: envelope id 0", ErrInvalidMessage)
 	}
+	if id, ok, err := t.existing(ctx, m); err != nil || ok {
+		return id, err
+	}
 	id, _, err := insertMessage(ctx, t.tx, m, false)
 	return id, err
+}
+
+// existing finds a row for the same message (conversation, sender and
+// client message id): a message can reach a newly linked device both
+// directly and inside the history its primary sends.
+func (t *Tx) existing(ctx context.Context, m Message) (int64, bool, error) {
+	if m.ClientMsgID == "" {
+		return 0, false, nil
+	}
+	var id int64
+	err := t.tx.QueryRowContext(ctx, `SELECT local_id FROM messages
+		WHERE peer = ? AND grp = ? AND client_msg_id = ? AND sender = ? LIMIT 1`,
+		m.Peer, m.Group, m.ClientMsgID, m.Sender).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("localstore: find message: %w", err)
+	}
+	return id, true, nil
+}
+
+// ImportHistory adds messages from another device's history (a newly
+// linked device's backfill). Messages already present are skipped. It
+// returns how many were added.
+func (t *Tx) ImportHistory(ctx context.Context, ms []Message) (int, error) {
+	n := 0
+	for _, m := range ms {
+		if _, ok, err := t.existing(ctx, m); err != nil {
+			return n, err
+		} else if ok {
+			continue
+		}
+		m.EnvelopeID = 0
+		if _, added, err := insertMessage(ctx, t.tx, m, true); err != nil {
+			return n, err
+		} else if added {
+			n++
+		}
+	}
+	return n, nil
 }
 
 // History returns the messages of one conversation (peer for 1:1 with
@@ -215,4 +264,22 @@ func seen(ctx context.Context, q querier, envelopeID uint64) (bool, error) {
 		return false, fmt.Errorf("localstore: check envelope %d: %w", envelopeID, err)
 	}
 	return true, nil
+}
+
+// Conversations lists the peers of every 1:1 conversation with history.
+func (s *Store) Conversations(ctx context.Context) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT DISTINCT peer FROM messages WHERE grp = '' ORDER BY peer`)
+	if err != nil {
+		return nil, fmt.Errorf("localstore: conversations: %w", err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var p string
+		if err := rows.Scan(&p); err != nil {
+			return nil, fmt.Errorf("localstore: conversations: %w", err)
+		}
+		out = append(out, p)
+	}
+	return out, rows.Err()
 }

@@ -9,6 +9,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -18,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -35,6 +38,11 @@ commands:
   recv [--wait D] [--json]     receive, decrypt, store and print messages;
                                without --wait, stop when the backlog is done
   history NAME [--json]        print the local history with NAME
+  link                         make this home a new device of an existing account:
+                               prints a link code, waits until the primary approves it
+  devices list [--json]        this account's devices (from its verified signed list)
+  devices approve CODE         (primary) link the device showing CODE
+  devices remove ID            unlink device ID (the primary: any; others: themselves)
 
 global flags:
   --home DIR     device store (default ~/.ferry, or $FERRY_HOME)
@@ -90,6 +98,10 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		err = cmdRecv(ctx, c, rest, stdout)
 	case "history":
 		err = cmdHistory(ctx, c, rest, stdout)
+	case "link":
+		err = cmdLink(ctx, c, rest, stdout)
+	case "devices":
+		err = cmdDevices(ctx, c, rest, stdout)
 	default:
 		fmt.Fprintf(stderr, "ferry: unknown command %q\n\n%s", cmd, usage)
 		return 2
@@ -245,6 +257,8 @@ func cmdRecv(ctx context.Context, c *client.Client, args []string, out io.Writer
 	enc := json.NewEncoder(out)
 	opts.Handle = func(ev client.Event) {
 		switch {
+		case ev.Imported > 0 && !*asJSON:
+			fmt.Fprintf(out, "(imported %d messages of history from another device)\n", ev.Imported)
 		case ev.Message != nil && *asJSON:
 			_ = enc.Encode(messageLine(ev.Message))
 		case ev.Message != nil:
@@ -298,4 +312,99 @@ func cmdHistory(ctx context.Context, c *client.Client, args []string, out io.Wri
 		printMessage(out, m)
 	}
 	return nil
+}
+
+func cmdLink(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("link", flag.ContinueOnError)
+	if pos, err := parseArgs(fs, args); err != nil || len(pos) != 0 {
+		return usageError("usage: ferry --home DIR --server URL link")
+	}
+	l, err := c.StartLink(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(out, l.Code)
+	if f, ok := out.(interface{ Sync() error }); ok {
+		_ = f.Sync()
+	}
+	wctx, cancel := context.WithDeadline(ctx, l.Expires)
+	defer cancel()
+	if err := l.Wait(wctx); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("the link code expired before it was approved")
+		}
+		return err
+	}
+	fmt.Fprintf(out, "linked as %s device %d\n", c.Username(), c.DeviceID())
+	return nil
+}
+
+func cmdDevices(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
+	if len(args) == 0 {
+		return usageError("usage: ferry devices list|approve CODE|remove ID")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	switch args[0] {
+	case "list":
+		fs := flag.NewFlagSet("devices list", flag.ContinueOnError)
+		asJSON := fs.Bool("json", false, "one JSON object per line")
+		if pos, err := parseArgs(fs, args[1:]); err != nil || len(pos) != 0 {
+			return usageError("usage: ferry devices list [--json]")
+		}
+		version, devs, err := c.Devices(ctx)
+		if err != nil {
+			return err
+		}
+		enc := json.NewEncoder(out)
+		for _, d := range devs {
+			fp := fingerprint(d.IdentityKey)
+			if *asJSON {
+				_ = enc.Encode(map[string]any{"id": d.ID, "identity": fp, "this": d.This, "primary": d.ID == 1, "list_version": version})
+				continue
+			}
+			mark := ""
+			if d.This {
+				mark = " (this device)"
+			}
+			if d.ID == 1 {
+				mark += " (primary)"
+			}
+			fmt.Fprintf(out, "%d  %s%s\n", d.ID, fp, mark)
+		}
+		return nil
+	case "approve":
+		if len(args) != 2 {
+			return usageError("usage: ferry devices approve CODE")
+		}
+		id, err := c.ApproveLink(ctx, args[1])
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "linked device %d\n", id)
+		return nil
+	case "remove":
+		if len(args) != 2 {
+			return usageError("usage: ferry devices remove ID")
+		}
+		id, err := strconv.ParseUint(args[1], 10, 32)
+		if err != nil || id == 0 {
+			return usageError("ferry devices remove: ID must be a device number")
+		}
+		if err := c.RemoveDevice(ctx, uint32(id)); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "removed device %d\n", id)
+		return nil
+	default:
+		return usageError("usage: ferry devices list|approve CODE|remove ID")
+	}
+}
+
+// fingerprint is a short, readable form of an identity key for comparing
+// devices by eye (not a safety number).
+func fingerprint(key []byte) string {
+	h := sha256.Sum256(key)
+	s := hex.EncodeToString(h[:10])
+	return s[0:5] + " " + s[5:10] + " " + s[10:15] + " " + s[15:20]
 }

@@ -47,6 +47,12 @@ type config struct {
 	claimRate        float64
 	claimBurst       int
 	shutdownTimeout  time.Duration
+	maxDevices       int
+	linkTTL          time.Duration
+	linkStartRate    float64
+	linkStartBurst   int
+	linkAttemptRate  float64
+	linkAttemptBurst int
 	allowedOrigins   stringList
 	pprof            bool
 }
@@ -78,6 +84,12 @@ func main() {
 	fs.IntVar(&c.prekeyLow, "prekey-low-threshold", 10, "tell a device to refill below this many one-time prekeys")
 	fs.Float64Var(&c.claimRate, "claim-rate", 5, "prekey bundle claims per second per requesting device")
 	fs.IntVar(&c.claimBurst, "claim-burst", 20, "prekey bundle claim burst per requesting device")
+	fs.IntVar(&c.maxDevices, "max-devices", device.DefaultMaxDevices, "devices per account, the primary included")
+	fs.DurationVar(&c.linkTTL, "link-ttl", 10*time.Minute, "how long a link code stays valid")
+	fs.Float64Var(&c.linkStartRate, "link-start-rate", 5, "link codes per minute per remote IP (/64 for IPv6)")
+	fs.IntVar(&c.linkStartBurst, "link-start-burst", 5, "link code burst per remote IP")
+	fs.Float64Var(&c.linkAttemptRate, "link-attempt-rate", 10, "link code lookups and approvals per minute per primary device")
+	fs.IntVar(&c.linkAttemptBurst, "link-attempt-burst", 10, "link code lookup and approval burst per primary device")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 15*time.Second, "how long SIGTERM waits for in-flight work")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve /debug/pprof/ (profiles; keep off in production listeners)")
 	fs.Var(&c.allowedOrigins, "allow-origin", "browser origin allowed to connect (repeatable; * for any)")
@@ -126,8 +138,11 @@ func run(c config) error {
 		MaxPrekeysPerUpload: c.maxPrekeysUpload,
 		PingInterval:        c.pingInterval, HandshakeTimeout: c.handshakeTimeout,
 		AllowedOrigins: c.allowedOrigins, Registerer: reg, Logger: log,
+		LinkTTL:       c.linkTTL,
+		LinkStartRate: perMinute(c.linkStartRate), LinkStartBurst: c.linkStartBurst,
+		LinkAttemptRate: perMinute(c.linkAttemptRate), LinkAttemptBurst: c.linkAttemptBurst,
 	}, relay.Deps{
-		Accounts: device.New(db, device.Options{}),
+		Accounts: device.New(db, device.Options{MaxDevices: c.maxDevices}),
 		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
 			LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst}),
 		Inbox: ib,
@@ -196,6 +211,14 @@ func run(c config) error {
 	}
 	log.Info("ferryd: stopped")
 	return nil
+}
+
+// perMinute converts a per-minute rate flag (0 or less: the default).
+func perMinute(n float64) rate.Limit {
+	if n <= 0 {
+		return 0
+	}
+	return rate.Limit(n / 60)
 }
 
 func isLoopback(addr string) bool {

@@ -1,0 +1,155 @@
+package testvectors
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/ferryhq/ferry/device/devicelist"
+)
+
+// Every committed vector gives its expected verdict.
+func TestVectors(t *testing.T) {
+	files, err := filepath.Glob(filepath.Join("*", "*.json"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no vectors found (%v)", err)
+	}
+	for _, f := range files {
+		t.Run(f, func(t *testing.T) {
+			t.Parallel()
+			r := VerifyFile(f)
+			if !r.OK {
+				t.Fatalf("%s (%s): expect %q, got %q: %s", f, r.Description, r.Expect, r.Got, r.Detail)
+			}
+		})
+	}
+}
+
+// The coverage the vectors promise: every verdict occurs.
+func TestVectorsCoverEveryVerdict(t *testing.T) {
+	rs, err := VerifyDir(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]int{}
+	for _, r := range rs {
+		if r.Kind == KindDeviceList {
+			seen[r.Expect]++
+		}
+	}
+	for _, want := range append([]string{ExpectValid}, devicelist.KindNames()...) {
+		if seen[want] == 0 {
+			t.Errorf("no devicelist vector expects %s", want)
+		}
+	}
+}
+
+// Flipping any one bit-0 of a valid vector's signed bytes (list or
+// signature) makes it fail.
+func TestFlippedBytesFail(t *testing.T) {
+	files, _ := filepath.Glob(filepath.Join(KindDeviceList, "*.json"))
+	n := 0
+	for _, f := range files {
+		v := readVector(t, f)
+		if v.Expect != ExpectValid {
+			continue
+		}
+		n++
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			t.Parallel()
+			for _, part := range []*Hex{&v.SignedList.List, &v.SignedList.Signature} {
+				for i := range *part {
+					for _, bit := range []byte{0x01, 0x80} {
+						(*part)[i] ^= bit
+						got, err := v.Check()
+						(*part)[i] ^= bit
+						if got == ExpectValid {
+							t.Fatalf("byte %d ^ %#x of %s still verifies", i, bit, partName(v, part))
+						}
+						if devicelist.Kind(err) == nil {
+							t.Fatalf("error of another package: %v", err)
+						}
+					}
+				}
+			}
+		})
+	}
+	if n < 3 {
+		t.Fatalf("only %d valid vectors", n)
+	}
+}
+
+func partName(v *DeviceListVector, p *Hex) string {
+	if p == &v.SignedList.List {
+		return "the list"
+	}
+	return "the signature"
+}
+
+func readVector(t *testing.T, f string) *DeviceListVector {
+	t.Helper()
+	b, err := os.ReadFile(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v DeviceListVector
+	if err := json.Unmarshal(b, &v); err != nil {
+		t.Fatal(err)
+	}
+	return &v
+}
+
+// VerifyDir reports broken files as failed results, not as errors.
+func TestVerifyDirReportsBadFiles(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) {
+		p := filepath.Join(dir, name)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	good, _ := os.ReadFile(filepath.Join(KindDeviceList, "valid-tofu.json"))
+	write("devicelist/good.json", string(good))
+	// Expectation changed: the verifier must disagree.
+	write("devicelist/lie.json", strings.Replace(string(good), `"expect": "valid"`, `"expect": "ErrRollback"`, 1))
+	// The human-readable copy lies.
+	write("devicelist/human.json", strings.Replace(string(good), `"version": 1`, `"version": 7`, 1))
+	write("devicelist/garbage.json", "{")
+	write("devicelist/typo.json", `{"kind":"devicelist","expectt":"valid"}`)
+	write("devicelist/bad-expect.json", strings.Replace(string(good), `"expect": "valid"`, `"expect": "nope"`, 1))
+	write("other/x.json", `{"description":"?"}`)
+	write("devicelist/readme.txt", "not a vector")
+	if _, err := VerifyDir(filepath.Join(dir, "empty-does-not-exist")); err == nil {
+		t.Fatal("missing directory is not an error")
+	}
+	rs, err := VerifyDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]Result{}
+	for _, r := range rs {
+		rel, _ := filepath.Rel(dir, r.Path)
+		got[rel] = r
+	}
+	if len(got) != 7 {
+		t.Fatalf("%d results: %v", len(got), got)
+	}
+	if r := got["devicelist/good.json"]; !r.OK || r.Got != ExpectValid {
+		t.Fatalf("good: %+v", r)
+	}
+	for _, name := range []string{"lie", "human", "garbage", "typo", "bad-expect"} {
+		if r := got["devicelist/"+name+".json"]; r.OK || r.Detail == "" && r.Got == r.Expect {
+			t.Errorf("%s: %+v", name, r)
+		}
+	}
+	if r := got["other/x.json"]; r.OK || r.Kind != "other" || !strings.Contains(r.Detail, "unknown vector kind") {
+		t.Errorf("unknown kind: %+v", r)
+	}
+	if !bytes.Contains(good, []byte(`"kind": "devicelist"`)) {
+		t.Fatal("vectors name their kind")
+	}
+}
