@@ -190,6 +190,15 @@ func (c *Conn) Do(ctx context.Context, f *wirepb.ClientFrame) (*wirepb.Response,
 		}
 		return r, nil
 	case <-c.done:
+		// A response that arrived just before the close still counts.
+		select {
+		case r := <-ch:
+			if r.Error != nil {
+				return nil, wire.FromProto(r.Error)
+			}
+			return r, nil
+		default:
+		}
 		return nil, fmt.Errorf("%w: %w", ErrClosed, c.Err())
 	case <-ctx.Done():
 		return nil, ctx.Err()

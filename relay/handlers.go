@@ -111,10 +111,11 @@ func (c *conn) auth(id uint64, a *wirepb.Auth) bool {
 	}
 	c.respond(&wirepb.Response{Id: id, Result: &wirepb.Response_Auth{Auth: &wirepb.AuthResult{OneTimePrekeys: uint32(n)}}})
 	c.s.metrics.requests.WithLabelValues("auth", "OK").Inc()
-	c.startDelivery()
+	// PrekeysLow goes before any envelope, so its place in the stream is fixed.
 	if n < c.s.deps.Prekeys.LowThreshold() && !c.sendOnly {
 		c.sendEvent(&wirepb.Event{Body: &wirepb.Event_PrekeysLow{PrekeysLow: &wirepb.PrekeysLow{OneTimePrekeys: uint32(n)}}})
 	}
+	c.startDelivery()
 	return true
 }
 
