@@ -320,6 +320,9 @@ func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (
 				return ctx.Err()
 			}
 			decErr = err
+			if ss.untrusted != nil {
+				decErr = fmt.Errorf("%w: %w", ErrUntrustedIdentity, ss.untrusted)
+			}
 			return errRollback // drop whatever the library stored
 		}
 		changed = ss.changed

@@ -122,8 +122,8 @@ func (t *Tx) AddReceived(ctx context.Context, m Message) (int64, error) {
 	return id, err
 }
 
-// existing finds a row for the same message (conversation, sender and
-// client message id): a message can reach a newly linked device both
+// existing finds a row for the same message (conversation, sending device
+// and client message id): a message can reach a newly linked device both
 // directly and inside the history its primary sends.
 func (t *Tx) existing(ctx context.Context, m Message) (int64, bool, error) {
 	if m.ClientMsgID == "" {
@@ -131,8 +131,8 @@ func (t *Tx) existing(ctx context.Context, m Message) (int64, bool, error) {
 	}
 	var id int64
 	err := t.tx.QueryRowContext(ctx, `SELECT local_id FROM messages
-		WHERE peer = ? AND grp = ? AND client_msg_id = ? AND sender = ? LIMIT 1`,
-		m.Peer, m.Group, m.ClientMsgID, m.Sender).Scan(&id)
+		WHERE peer = ? AND grp = ? AND client_msg_id = ? AND sender = ? AND sender_device = ? LIMIT 1`,
+		m.Peer, m.Group, m.ClientMsgID, m.Sender, m.SenderDevice).Scan(&id)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, false, nil
 	}

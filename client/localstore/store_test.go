@@ -462,3 +462,45 @@ func TestConcurrentWriters(t *testing.T) {
 		t.Fatalf("%d rows", len(h))
 	}
 }
+
+// A message can reach a new device both directly and in its primary's
+// history: it is stored once, whichever comes first.
+func TestImportHistorySkipsKnownMessages(t *testing.T) {
+	ctx := context.Background()
+	s, _ := open(t)
+	direct := Message{Peer: "alice", Sender: "alice", SenderDevice: 1, Seq: 2, Text: "two", ClientMsgID: "m2", EnvelopeID: 40}
+	if err := s.Update(ctx, func(tx *Tx) error { _, err := tx.AddReceived(ctx, direct); return err }); err != nil {
+		t.Fatal(err)
+	}
+	hist := []Message{
+		{Peer: "alice", Sender: "alice", SenderDevice: 1, Seq: 1, Text: "one", ClientMsgID: "m1"},
+		{Peer: "alice", Sender: "alice", SenderDevice: 1, Seq: 2, Text: "two", ClientMsgID: "m2"},
+		{Peer: "alice", Sender: "bob", SenderDevice: 1, Seq: 3, Outgoing: true, Text: "three", ClientMsgID: "m3"},
+	}
+	var n int
+	if err := s.Update(ctx, func(tx *Tx) (err error) { n, err = tx.ImportHistory(ctx, hist); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if n != 2 {
+		t.Fatalf("imported %d, want 2 (m2 was there)", n)
+	}
+	// Importing again adds nothing; a later direct copy adds nothing either.
+	if err := s.Update(ctx, func(tx *Tx) (err error) { n, err = tx.ImportHistory(ctx, hist); return err }); err != nil || n != 0 {
+		t.Fatalf("second import: %d %v", n, err)
+	}
+	late := Message{Peer: "alice", Sender: "alice", SenderDevice: 1, Seq: 1, Text: "one", ClientMsgID: "m1", EnvelopeID: 41}
+	if err := s.Update(ctx, func(tx *Tx) error { _, err := tx.AddReceived(ctx, late); return err }); err != nil {
+		t.Fatal(err)
+	}
+	h, err := s.History(ctx, "alice", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range h {
+		got = append(got, fmt.Sprintf("%d:%s", m.Seq, m.Text))
+	}
+	if fmt.Sprint(got) != "[1:one 2:two 3:three]" {
+		t.Fatalf("history %v", got)
+	}
+}
