@@ -271,9 +271,11 @@ func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
 	return true
 }
 
-// startDelivery registers the device's receiving connection and starts the
-// delivery loop. Called by the reader once authenticated.
-func (c *conn) startDelivery() {
+// becomeDevice makes this connection its device's: tracked for removal
+// and, unless send-only, the device's one receiving connection (an older
+// one is closed as replaced). Called by the reader once authenticated,
+// before the client is told.
+func (c *conn) becomeDevice() {
 	c.s.metrics.authed.Inc()
 	c.trackDevice()
 	// From now on the peer must answer pings (or send frames).
@@ -283,6 +285,13 @@ func (c *conn) startDelivery() {
 	}
 	if old := c.s.hub.register(c.addr, c); old != nil {
 		old.close(wire.CloseReplaced, "replaced by a newer connection of this device")
+	}
+}
+
+// startPump starts the delivery loop of a receiving connection.
+func (c *conn) startPump() {
+	if c.sendOnly {
+		return
 	}
 	c.pumpDone = make(chan struct{})
 	go c.pump()

@@ -78,10 +78,11 @@ func (c *conn) register(id uint64, r *wirepb.Register) bool {
 	c.addr = wire.DeviceAddr{Account: r.Username, Device: d.Id}
 	c.state = stateAuthed
 	c.challenge = nil
+	c.becomeDevice()
 	c.respond(&wirepb.Response{Id: id, Result: &wirepb.Response_Register{Register: &wirepb.RegisterResult{DeviceId: d.Id}}})
 	c.s.metrics.requests.WithLabelValues("register", "OK").Inc()
 	c.s.log.Info("relay: registered", "device", c.addr.String())
-	c.startDelivery()
+	c.startPump()
 	return true
 }
 
@@ -109,13 +110,17 @@ func (c *conn) auth(id uint64, a *wirepb.Auth) bool {
 		c.close(wire.CloseInternal, "storage error")
 		return false
 	}
+	// The device's connection is registered before the client hears "ok",
+	// so a client that connects again right after cannot be replaced by
+	// this older connection.
+	c.becomeDevice()
 	c.respond(&wirepb.Response{Id: id, Result: &wirepb.Response_Auth{Auth: &wirepb.AuthResult{OneTimePrekeys: uint32(n)}}})
 	c.s.metrics.requests.WithLabelValues("auth", "OK").Inc()
 	// PrekeysLow goes before any envelope, so its place in the stream is fixed.
 	if n < c.s.deps.Prekeys.LowThreshold() && !c.sendOnly {
 		c.sendEvent(&wirepb.Event{Body: &wirepb.Event_PrekeysLow{PrekeysLow: &wirepb.PrekeysLow{OneTimePrekeys: uint32(n)}}})
 	}
-	c.startDelivery()
+	c.startPump()
 	return true
 }
 
