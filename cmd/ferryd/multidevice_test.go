@@ -17,6 +17,7 @@ import (
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"go.mau.fi/libsignal/ecc"
+	"google.golang.org/protobuf/proto"
 )
 
 // link makes newHome a second device of the account in primaryHome, through
@@ -184,5 +185,54 @@ func TestBlackBoxLinkCodes(t *testing.T) {
 	}
 	if _, errs, code := ferry(t, bob, "devices", "approve", "not-a-code"); code != 1 || !strings.Contains(errs, "not a link code") {
 		t.Fatalf("garbage code: exit %d %q", code, errs)
+	}
+}
+
+// The server (here: the test, editing the store while ferryd is down) adds
+// a device to bob's stored signed list without the primary's key: the
+// signature no longer verifies and alice refuses the list, and with it the
+// send, saying why.
+func TestBlackBoxTamperedDeviceListIsRefused(t *testing.T) {
+	data := t.TempDir()
+	srv := startServer(t, data)
+	alice := register(t, srv, "alice")
+	register(t, srv, "bob")
+	srv.term()
+
+	db, err := store.Open(data, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := append([]byte{store.PrefixDeviceList}, "bob"...)
+	raw, closer, err := db.Get(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signed := &wirepb.SignedDeviceList{}
+	if err := proto.Unmarshal(raw, signed); err != nil {
+		t.Fatal(err)
+	}
+	closer.Close()
+	l := &wirepb.DeviceList{}
+	if err := proto.Unmarshal(signed.List, l); err != nil {
+		t.Fatal(err)
+	}
+	fake, _ := ecc.GenerateKeyPair()
+	l.Devices = append(l.Devices, &wirepb.DeviceListEntry{DeviceId: 2, IdentityKey: fake.PublicKey().Serialize()})
+	if signed.List, err = proto.Marshal(l); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := proto.Marshal(signed)
+	if err := db.Set(key, b, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	srv.restart()
+
+	_, errs, code := ferry(t, alice, "send", "bob", "hello?")
+	if code == 0 || !strings.Contains(errs, "DEVICE_LIST_INVALID") || !strings.Contains(errs, "signature") {
+		t.Fatalf("send with a tampered device list: exit %d, %q", code, errs)
 	}
 }
