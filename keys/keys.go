@@ -26,7 +26,7 @@
 //
 // Claims are rate-limited per requesting device with a token bucket; the
 // buckets are held in a bounded LRU map whose idle entries are dropped once
-// they would be full again (see limiters).
+// they would be full again (see package ratelimit).
 //
 // libsignal (go.mau.fi/libsignal) only ever sees bytes whose lengths and
 // type byte were checked, and every call runs under recover. Importing this
@@ -40,6 +40,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/ferryhq/ferry/internal/ratelimit"
 	"hash/maphash"
 	"math"
 	"slices"
@@ -93,7 +94,7 @@ type Options struct {
 type Store struct {
 	db    *pebble.DB
 	o     Options
-	lim   *limiters
+	lim   *ratelimit.Keyed[wire.DeviceAddr]
 	seed  maphash.Seed
 	locks [64]sync.Mutex // striped by device
 }
@@ -122,7 +123,7 @@ func New(db *pebble.DB, o Options) *Store {
 	return &Store{
 		db:   db,
 		o:    o,
-		lim:  newLimiters(o.ClaimRate, o.ClaimBurst, defaultMaxLimiters),
+		lim:  ratelimit.New[wire.DeviceAddr](o.ClaimRate, o.ClaimBurst, ratelimit.DefaultMax),
 		seed: maphash.MakeSeed(),
 	}
 }
@@ -287,7 +288,7 @@ func (s *Store) Claim(ctx context.Context, requester wire.DeviceAddr, account st
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("keys: claim by %s: %w", requester, err)
 	}
-	if d := s.lim.take(requester, s.o.Now()); d > 0 {
+	if d := s.lim.Take(requester, s.o.Now()); d > 0 {
 		ms := uint32(math.MaxUint32)
 		if d < time.Duration(math.MaxUint32)*time.Millisecond {
 			ms = uint32((d + time.Millisecond - 1) / time.Millisecond)

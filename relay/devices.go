@@ -24,6 +24,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"github.com/ferryhq/ferry/internal/ratelimit"
 	"hash/maphash"
 	"sync"
 	"time"
@@ -44,8 +45,8 @@ const (
 // deviceState is the relay's in-memory state for multi-device requests.
 type deviceState struct {
 	links     *linkTable
-	startLim  *keyedLimiter // LinkStart per remote IP
-	attemptLm *keyedLimiter // GetLink + ApproveLink per device
+	startLim  *ratelimit.Keyed[string] // LinkStart per remote IP
+	attemptLm *ratelimit.Keyed[string] // GetLink + ApproveLink per device
 
 	seed    maphash.Seed
 	idLocks [64]sync.Mutex // striped by account
@@ -57,8 +58,8 @@ type deviceState struct {
 func newDeviceState(cfg *Config) *deviceState {
 	return &deviceState{
 		links:     newLinkTable(cfg.LinkTTL, cfg.MaxPendingLinks),
-		startLim:  newKeyedLimiter(cfg.LinkStartRate, cfg.LinkStartBurst, 1<<16),
-		attemptLm: newKeyedLimiter(cfg.LinkAttemptRate, cfg.LinkAttemptBurst, 1<<16),
+		startLim:  ratelimit.New[string](cfg.LinkStartRate, cfg.LinkStartBurst, ratelimit.DefaultMax),
+		attemptLm: ratelimit.New[string](cfg.LinkAttemptRate, cfg.LinkAttemptBurst, ratelimit.DefaultMax),
 		seed:      maphash.MakeSeed(),
 		conns:     make(map[wire.DeviceAddr]map[*conn]struct{}),
 	}
@@ -451,7 +452,7 @@ func (c *conn) linkStart(id uint64, m *wirepb.LinkStart) bool {
 		return c.badFrame(id, wire.Errorf(wirepb.ErrorCode_INVALID_KEY, "relay: ephemeral key must be %d bytes", ephemeralKeySize))
 	}
 	now := time.Now()
-	if d := c.s.dev.startLim.take(remoteKey(c.remote), now); d > 0 {
+	if d := c.s.dev.startLim.Take(remoteKey(c.remote), now); d > 0 {
 		c.s.metrics.rejected.WithLabelValues("link_rate").Inc()
 		return c.badFrame(id, rateLimited("link codes from this address", d))
 	}
@@ -490,7 +491,7 @@ func (c *conn) linkAttempt(what string) error {
 	if c.addr.Device != device.PrimaryDeviceID {
 		return notPrimary(what)
 	}
-	if d := c.s.dev.attemptLm.take(c.addr.String(), time.Now()); d > 0 {
+	if d := c.s.dev.attemptLm.Take(c.addr.String(), time.Now()); d > 0 {
 		c.s.metrics.rejected.WithLabelValues("link_rate").Inc()
 		return rateLimited("link code attempts", d)
 	}

@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"github.com/ferryhq/ferry/internal/ratelimit"
 	"log/slog"
 	"net/http/httptest"
 	"slices"
@@ -711,26 +712,26 @@ func TestSyncToDevice(t *testing.T) {
 // ---------------------------------------------------------------- units
 
 func TestKeyedLimiterBounded(t *testing.T) {
-	l := newKeyedLimiter(rate.Every(time.Second), 2, 3)
+	l := ratelimit.New[string](rate.Every(time.Second), 2, 3)
 	now := time.Unix(1000, 0)
 	for i := range 10 {
-		if d := l.take(string(rune('a'+i)), now); d != 0 {
+		if d := l.Take(string(rune('a'+i)), now); d != 0 {
 			t.Fatalf("first take of key %d waited %v", i, d)
 		}
 	}
-	if n := l.len(); n != 3 {
+	if n := l.Len(); n != 3 {
 		t.Fatalf("%d entries, bound 3", n)
 	}
-	l.take("x", now)
-	if d := l.take("x", now); d != 0 {
+	l.Take("x", now)
+	if d := l.Take("x", now); d != 0 {
 		t.Fatal("burst 2 refused the second take")
 	}
-	if d := l.take("x", now); d <= 0 || d > time.Second {
+	if d := l.Take("x", now); d <= 0 || d > time.Second {
 		t.Fatalf("third take waits %v", d)
 	}
 	// Idle entries go once full again.
-	l.take("y", now.Add(10*time.Second))
-	if n := l.len(); n != 1 {
+	l.Take("y", now.Add(10*time.Second))
+	if n := l.Len(); n != 1 {
 		t.Fatalf("%d entries after idling", n)
 	}
 }

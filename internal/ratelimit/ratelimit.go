@@ -1,4 +1,7 @@
-package keys
+// Package ratelimit is the per-key token bucket Ferry uses wherever a limit
+// applies per requester (a device, a remote address): golang.org/x/time/rate
+// buckets in a map that stays bounded.
+package ratelimit
 
 import (
 	"container/list"
@@ -6,42 +9,40 @@ import (
 	"sync"
 	"time"
 
-	"github.com/ferryhq/ferry/wire"
 	"golang.org/x/time/rate"
 )
 
-// defaultMaxLimiters bounds the per-requester limiter map.
-const defaultMaxLimiters = 1 << 16
+// DefaultMax is a reasonable bound on the number of keys held.
+const DefaultMax = 1 << 16
 
-// limiters holds one token bucket per requesting device, bounded two ways:
+// Keyed holds one token bucket per key, bounded two ways:
 //
 //   - An entry unused for longer than a bucket takes to refill from empty
 //     (burst/rate) is full again, so it is exactly what a new entry would
 //     be: it is dropped, and no one's limit changes. Entries are kept in
 //     least-recently-used order, so this sweep looks only at the oldest
 //     entries and costs O(1) amortized per call.
-//   - If more than max requesters were active within that window, the least
-//     recently used is dropped anyway (it restarts with a full bucket). With
-//     the defaults (5/s, burst 20: a 4 s window) that needs over 16k distinct
-//     authenticated devices claiming every 4 s.
-type limiters struct {
-	mu    sync.Mutex
+//   - If more than max keys were active within that window, the least
+//     recently used is dropped anyway (it restarts with a full bucket).
+type Keyed[K comparable] struct {
+	mu    sync.Mutex // guards everything below
 	rate  rate.Limit
 	burst int
 	idle  time.Duration // time to refill from empty; an entry idle this long is full
 	max   int
-	m     map[wire.DeviceAddr]*list.Element
-	lru   list.List // of *limEntry; front = most recently used
+	m     map[K]*list.Element
+	lru   list.List // of *entry[K]; front = most recently used
 }
 
-type limEntry struct {
-	addr wire.DeviceAddr
+type entry[K comparable] struct {
+	key  K
 	lim  *rate.Limiter
 	last time.Time
 }
 
-func newLimiters(r rate.Limit, burst, max int) *limiters {
-	l := &limiters{rate: r, burst: burst, max: max, m: make(map[wire.DeviceAddr]*list.Element)}
+// New makes a limiter of r per second with burst, holding at most max keys.
+func New[K comparable](r rate.Limit, burst, max int) *Keyed[K] {
+	l := &Keyed[K]{rate: r, burst: burst, max: max, m: make(map[K]*list.Element)}
 	switch {
 	case r == rate.Inf:
 		l.idle = 0
@@ -58,23 +59,23 @@ func newLimiters(r rate.Limit, burst, max int) *limiters {
 	return l
 }
 
-// take takes one token from addr's bucket at now. It returns 0 if the
+// Take takes one token from key's bucket at now. It returns 0 if the
 // token was there, or how long until it will be (and takes nothing).
-func (l *limiters) take(addr wire.DeviceAddr, now time.Time) time.Duration {
+func (l *Keyed[K]) Take(key K, now time.Time) time.Duration {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.sweep(now)
 
-	var e *limEntry
-	if el, ok := l.m[addr]; ok {
-		e = el.Value.(*limEntry)
+	var e *entry[K]
+	if el, ok := l.m[key]; ok {
+		e = el.Value.(*entry[K])
 		l.lru.MoveToFront(el)
 	} else {
 		for l.lru.Len() >= l.max {
 			l.remove(l.lru.Back())
 		}
-		e = &limEntry{addr: addr, lim: rate.NewLimiter(l.rate, l.burst)}
-		l.m[addr] = l.lru.PushFront(e)
+		e = &entry[K]{key: key, lim: rate.NewLimiter(l.rate, l.burst)}
+		l.m[key] = l.lru.PushFront(e)
 	}
 	if now.After(e.last) {
 		e.last = now
@@ -91,22 +92,22 @@ func (l *limiters) take(addr wire.DeviceAddr, now time.Time) time.Duration {
 }
 
 // sweep drops entries that have been idle long enough to be full again.
-func (l *limiters) sweep(now time.Time) {
+func (l *Keyed[K]) sweep(now time.Time) {
 	for el := l.lru.Back(); el != nil; el = l.lru.Back() {
-		if now.Sub(el.Value.(*limEntry).last) < l.idle {
+		if now.Sub(el.Value.(*entry[K]).last) < l.idle {
 			return
 		}
 		l.remove(el)
 	}
 }
 
-func (l *limiters) remove(el *list.Element) {
-	delete(l.m, el.Value.(*limEntry).addr)
+func (l *Keyed[K]) remove(el *list.Element) {
+	delete(l.m, el.Value.(*entry[K]).key)
 	l.lru.Remove(el)
 }
 
-// len returns the number of entries held.
-func (l *limiters) len() int {
+// Len returns the number of entries held.
+func (l *Keyed[K]) Len() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.lru.Len()
