@@ -2,11 +2,10 @@ package keys
 
 import (
 	"fmt"
-	"log"
+	"github.com/ferryhq/ferry/internal/signalsafe"
 
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"go.mau.fi/libsignal/ecc"
-	"go.mau.fi/libsignal/logger"
 )
 
 // Sizes of Signal key material on the wire.
@@ -41,7 +40,7 @@ func parseKey(what string, b []byte) (ecc.ECPublicKeyable, error) {
 		key ecc.ECPublicKeyable
 		err error
 	)
-	if perr := protect(func() { key, err = ecc.DecodePoint(b, 0) }); perr != nil || err != nil || key == nil {
+	if perr := signalsafe.Protect(func() { key, err = ecc.DecodePoint(b, 0) }); perr != nil || err != nil || key == nil {
 		return nil, errf(ErrInvalidKey, "%s does not decode", what)
 	}
 	return key, nil
@@ -63,7 +62,7 @@ func VerifySignedPreKey(identityKey []byte, spk *wirepb.SignedPreKey) error {
 	var sig [SignatureSize]byte
 	copy(sig[:], spk.Signature)
 	var ok bool
-	if perr := protect(func() { ok = ecc.VerifySignature(ik, spk.PublicKey, sig) }); perr != nil || !ok {
+	if perr := signalsafe.Protect(func() { ok = ecc.VerifySignature(ik, spk.PublicKey, sig) }); perr != nil || !ok {
 		return errf(ErrBadSignature, "signed prekey %d: signature does not verify", spk.Id)
 	}
 	return nil
@@ -85,45 +84,4 @@ func checkSignedPreKey(spk *wirepb.SignedPreKey) error {
 			spk.Id, SignatureSize, len(spk.Signature))
 	}
 	return nil
-}
-
-// protect runs f and turns a panic into an error. libsignal panics on some
-// malformed input; a panic there is a bug of ours, never a crash of the node.
-func protect(f func()) (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("keys: libsignal panicked: %v", r)
-		}
-	}()
-	f()
-	return nil
-}
-
-// quietSignalLogger drops libsignal's Debug output (which formats key
-// material) and sends its rarer Info/Warning/Error lines to the standard
-// logger instead of stdout.
-type quietSignalLogger struct{}
-
-func (quietSignalLogger) Debug(string, string) {}
-func (quietSignalLogger) Info(caller, msg string) {
-	log.Printf("libsignal: info: %s: %s", caller, msg)
-}
-func (quietSignalLogger) Warning(caller, msg string) {
-	log.Printf("libsignal: warning: %s: %s", caller, msg)
-}
-func (quietSignalLogger) Error(caller, msg string) {
-	log.Printf("libsignal: error: %s: %s", caller, msg)
-}
-func (quietSignalLogger) Configure(string) {}
-
-// init installs quietSignalLogger unless a logger was set up already.
-// libsignal installs its default logger lazily, on its first log call,
-// without synchronization: concurrent first calls (two signature checks at
-// once) race on logger.Logger. Setting it here, before any goroutine runs,
-// removes that race.
-func init() {
-	if logger.Logger == nil {
-		var l logger.Loggable = quietSignalLogger{}
-		logger.Setup(&l)
-	}
 }

@@ -41,12 +41,11 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
-	"log"
+	"github.com/ferryhq/ferry/internal/signalsafe"
 
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"go.mau.fi/libsignal/ecc"
-	"go.mau.fi/libsignal/logger"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -189,7 +188,7 @@ func Sign(priv ecc.ECPrivateKeyable, l *wirepb.DeviceList) (*wirepb.SignedDevice
 		return nil, errf(ErrInvalid, "list does not encode: %v", err)
 	}
 	var sig [SignatureSize]byte
-	if perr := protect(func() { sig = ecc.CalculateSignature(priv, SignedBytes(b)) }); perr != nil {
+	if perr := signalsafe.Protect(func() { sig = ecc.CalculateSignature(priv, SignedBytes(b)) }); perr != nil {
 		return nil, errf(ErrInvalid, "signing failed: %v", perr)
 	}
 	s := &wirepb.SignedDeviceList{List: b, Signature: sig[:]}
@@ -282,7 +281,7 @@ func Verify(s *wirepb.SignedDeviceList, signer []byte) (*wirepb.DeviceList, erro
 	)
 	var sig [SignatureSize]byte
 	copy(sig[:], s.Signature)
-	perr := protect(func() {
+	perr := signalsafe.Protect(func() {
 		var derr error
 		if pub, derr = ecc.DecodePoint(primary, 0); derr != nil || pub == nil {
 			return
@@ -354,39 +353,4 @@ func ValidUsername(name string) bool {
 		}
 	}
 	return name[len(name)-1] != '_'
-}
-
-// protect runs f and turns a panic into an error.
-func protect(f func()) (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("libsignal panicked: %v", r)
-		}
-	}()
-	f()
-	return nil
-}
-
-// quietSignalLogger drops libsignal's Debug output, which formats key
-// material and signed bytes.
-type quietSignalLogger struct{}
-
-func (quietSignalLogger) Debug(string, string) {}
-func (quietSignalLogger) Info(string, string)  {}
-func (quietSignalLogger) Warning(caller, msg string) {
-	log.Printf("libsignal: warning: %s: %s", caller, msg)
-}
-func (quietSignalLogger) Error(caller, msg string) {
-	log.Printf("libsignal: error: %s: %s", caller, msg)
-}
-func (quietSignalLogger) Configure(string) {}
-
-// init installs quietSignalLogger unless a logger was set up already:
-// libsignal installs its default one lazily and without synchronization on
-// its first log call, which races when two verifications run at once.
-func init() {
-	if logger.Logger == nil {
-		var l logger.Loggable = quietSignalLogger{}
-		logger.Setup(&l)
-	}
 }

@@ -1,4 +1,4 @@
-package keys
+package signalsafe
 
 import (
 	"testing"
@@ -7,17 +7,17 @@ import (
 )
 
 func TestSignalLoggerInstalled(t *testing.T) {
-	if _, ok := logger.Logger.(quietSignalLogger); !ok {
-		t.Fatalf("libsignal logger is %T, want quietSignalLogger", logger.Logger)
+	if _, ok := logger.Logger.(quiet); !ok {
+		t.Fatalf("libsignal logger is %T, want quiet", logger.Logger)
 	}
 }
 
 // TestProtect: a panic inside a libsignal call becomes an error.
 func TestProtect(t *testing.T) {
-	if err := protect(func() { panic("boom") }); err == nil {
+	if err := Protect(func() { panic("boom") }); err == nil {
 		t.Fatal("panic not turned into an error")
 	}
-	if err := protect(func() {}); err != nil {
+	if err := Protect(func() {}); err != nil {
 		t.Fatal(err)
 	}
 }
