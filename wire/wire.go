@@ -14,8 +14,11 @@
 package wire
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"sort"
 
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"google.golang.org/protobuf/proto"
@@ -110,6 +113,7 @@ type Error struct {
 	Retryable    bool
 	RetryAfterMs uint32
 	Mismatch     *wirepb.DeviceMismatch
+	Group        *wirepb.GroupInfo // with GROUP_STALE: the current membership
 }
 
 // Error returns the message, or the code's name when there is none.
@@ -130,13 +134,13 @@ func (e *Error) Is(target error) bool {
 // Proto converts to the wire form.
 func (e *Error) Proto() *wirepb.Error {
 	return &wirepb.Error{Code: e.Code, Message: e.Message, Retryable: e.Retryable,
-		RetryAfterMs: e.RetryAfterMs, Mismatch: e.Mismatch}
+		RetryAfterMs: e.RetryAfterMs, Mismatch: e.Mismatch, Group: e.Group}
 }
 
 // FromProto converts a received error.
 func FromProto(p *wirepb.Error) *Error {
 	return &Error{Code: p.GetCode(), Message: p.GetMessage(), Retryable: p.GetRetryable(),
-		RetryAfterMs: p.GetRetryAfterMs(), Mismatch: p.GetMismatch()}
+		RetryAfterMs: p.GetRetryAfterMs(), Mismatch: p.GetMismatch(), Group: p.GetGroup()}
 }
 
 // Errorf makes an *Error with a formatted message. Retryable is set from the code.
@@ -190,6 +194,10 @@ var (
 	ErrDeviceListStale    = &Error{Code: wirepb.ErrorCode_DEVICE_LIST_STALE}
 	ErrLinkCodeInvalid    = &Error{Code: wirepb.ErrorCode_LINK_CODE_INVALID}
 	ErrLinkCodeExpired    = &Error{Code: wirepb.ErrorCode_LINK_CODE_EXPIRED}
+	ErrUnknownGroup       = &Error{Code: wirepb.ErrorCode_UNKNOWN_GROUP}
+	ErrGroupStale         = &Error{Code: wirepb.ErrorCode_GROUP_STALE}
+	ErrNotAdmin           = &Error{Code: wirepb.ErrorCode_NOT_ADMIN}
+	ErrGroupFull          = &Error{Code: wirepb.ErrorCode_GROUP_FULL}
 )
 
 // DeviceListContext prefixes the bytes a primary signs for a device list.
@@ -243,4 +251,40 @@ func ValidClientMsgID(id string) bool {
 		}
 	}
 	return true
+}
+
+// GroupViewHash is GroupSend.view_hash for a membership, seen from the
+// sending device: SHA-256 over every member device except sender, in
+// ascending (username, device_id) order, each as username 0x00
+// device_id(4 BE) registration_id(4 BE).
+func GroupViewHash(g *wirepb.GroupInfo, sender DeviceAddr) []byte {
+	type dev struct {
+		user    string
+		id, reg uint32
+	}
+	var all []dev
+	for _, m := range g.GetMembers() {
+		for _, d := range m.GetDevices() {
+			if m.Username == sender.Account && d.DeviceId == sender.Device {
+				continue
+			}
+			all = append(all, dev{m.Username, d.DeviceId, d.RegistrationId})
+		}
+	}
+	sort.Slice(all, func(i, j int) bool {
+		if all[i].user != all[j].user {
+			return all[i].user < all[j].user
+		}
+		return all[i].id < all[j].id
+	})
+	h := sha256.New()
+	var b [8]byte
+	for _, d := range all {
+		h.Write([]byte(d.user))
+		h.Write([]byte{0})
+		binary.BigEndian.PutUint32(b[:4], d.id)
+		binary.BigEndian.PutUint32(b[4:], d.reg)
+		h.Write(b[:])
+	}
+	return h.Sum(nil)
 }

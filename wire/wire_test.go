@@ -2,6 +2,7 @@ package wire
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -160,4 +161,29 @@ func FuzzDecodeServerFrame(f *testing.F) {
 			t.Fatal("accepted a frame without body")
 		}
 	})
+}
+
+func TestGroupViewHash(t *testing.T) {
+	g := &wirepb.GroupInfo{Members: []*wirepb.GroupMember{
+		{Username: "bob", Devices: []*wirepb.GroupDevice{{DeviceId: 2, RegistrationId: 7}, {DeviceId: 1, RegistrationId: 5}}},
+		{Username: "alice", Devices: []*wirepb.GroupDevice{{DeviceId: 1, RegistrationId: 9}}},
+	}}
+	me := DeviceAddr{Account: "alice", Device: 1}
+	h1 := GroupViewHash(g, me)
+	// Order of members and devices does not matter; the sender is left out.
+	g2 := &wirepb.GroupInfo{Members: []*wirepb.GroupMember{
+		{Username: "alice", Devices: []*wirepb.GroupDevice{{DeviceId: 1, RegistrationId: 1234}}},
+		{Username: "bob", Devices: []*wirepb.GroupDevice{{DeviceId: 1, RegistrationId: 5}, {DeviceId: 2, RegistrationId: 7}}},
+	}}
+	if !bytes.Equal(h1, GroupViewHash(g2, me)) {
+		t.Fatal("hash depends on order or on the sender's own device")
+	}
+	g2.Members[1].Devices[1].RegistrationId = 8
+	if bytes.Equal(h1, GroupViewHash(g2, me)) {
+		t.Fatal("a re-registered device does not change the hash")
+	}
+	want := sha256.Sum256([]byte("bob\x00\x00\x00\x00\x01\x00\x00\x00\x05bob\x00\x00\x00\x00\x02\x00\x00\x00\x07"))
+	if !bytes.Equal(h1, want[:]) {
+		t.Fatalf("layout: got %x want %x", h1, want)
+	}
 }

@@ -39,6 +39,7 @@ const (
 	EnvelopeType_PREKEY_SIGNAL_MESSAGE     EnvelopeType = 3  // Signal PreKeySignalMessage (sets up a session)
 	EnvelopeType_SENDER_KEY_MESSAGE        EnvelopeType = 4  // Signal SenderKeyMessage (groups)
 	EnvelopeType_RECEIPT                   EnvelopeType = 10 // server-made; content is empty, see Envelope.receipt
+	EnvelopeType_GROUP_UPDATE              EnvelopeType = 11 // server-made; content is empty, see Envelope.group
 )
 
 // Enum value maps for EnvelopeType.
@@ -49,6 +50,7 @@ var (
 		3:  "PREKEY_SIGNAL_MESSAGE",
 		4:  "SENDER_KEY_MESSAGE",
 		10: "RECEIPT",
+		11: "GROUP_UPDATE",
 	}
 	EnvelopeType_value = map[string]int32{
 		"ENVELOPE_TYPE_UNSPECIFIED": 0,
@@ -56,6 +58,7 @@ var (
 		"PREKEY_SIGNAL_MESSAGE":     3,
 		"SENDER_KEY_MESSAGE":        4,
 		"RECEIPT":                   10,
+		"GROUP_UPDATE":              11,
 	}
 )
 
@@ -164,6 +167,10 @@ const (
 	ErrorCode_DEVICE_LIST_STALE      ErrorCode = 24 // version not greater than the stored one
 	ErrorCode_LINK_CODE_INVALID      ErrorCode = 25 // unknown, already used, or guessed
 	ErrorCode_LINK_CODE_EXPIRED      ErrorCode = 26
+	ErrorCode_UNKNOWN_GROUP          ErrorCode = 27 // no such group, or the requester is not a member
+	ErrorCode_GROUP_STALE            ErrorCode = 28 // see GroupSend; Error.group holds the current membership
+	ErrorCode_NOT_ADMIN              ErrorCode = 29
+	ErrorCode_GROUP_FULL             ErrorCode = 30 // over the group size cap
 )
 
 // Enum value maps for ErrorCode.
@@ -196,6 +203,10 @@ var (
 		24: "DEVICE_LIST_STALE",
 		25: "LINK_CODE_INVALID",
 		26: "LINK_CODE_EXPIRED",
+		27: "UNKNOWN_GROUP",
+		28: "GROUP_STALE",
+		29: "NOT_ADMIN",
+		30: "GROUP_FULL",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED": 0,
@@ -225,6 +236,10 @@ var (
 		"DEVICE_LIST_STALE":      24,
 		"LINK_CODE_INVALID":      25,
 		"LINK_CODE_EXPIRED":      26,
+		"UNKNOWN_GROUP":          27,
+		"GROUP_STALE":            28,
+		"NOT_ADMIN":              29,
+		"GROUP_FULL":             30,
 	}
 )
 
@@ -255,6 +270,64 @@ func (ErrorCode) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_proto_rawDescGZIP(), []int{2}
 }
 
+type GroupChange_Op int32
+
+const (
+	GroupChange_OP_UNSPECIFIED GroupChange_Op = 0
+	GroupChange_ADD            GroupChange_Op = 1 // members join
+	GroupChange_REMOVE         GroupChange_Op = 2 // members are removed
+	GroupChange_LEAVE          GroupChange_Op = 3 // the requester leaves (members unused)
+	GroupChange_ADMIN          GroupChange_Op = 4 // members become admins
+	GroupChange_UNADMIN        GroupChange_Op = 5 // members stop being admins
+)
+
+// Enum value maps for GroupChange_Op.
+var (
+	GroupChange_Op_name = map[int32]string{
+		0: "OP_UNSPECIFIED",
+		1: "ADD",
+		2: "REMOVE",
+		3: "LEAVE",
+		4: "ADMIN",
+		5: "UNADMIN",
+	}
+	GroupChange_Op_value = map[string]int32{
+		"OP_UNSPECIFIED": 0,
+		"ADD":            1,
+		"REMOVE":         2,
+		"LEAVE":          3,
+		"ADMIN":          4,
+		"UNADMIN":        5,
+	}
+)
+
+func (x GroupChange_Op) Enum() *GroupChange_Op {
+	p := new(GroupChange_Op)
+	*p = x
+	return p
+}
+
+func (x GroupChange_Op) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (GroupChange_Op) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_proto_enumTypes[3].Descriptor()
+}
+
+func (GroupChange_Op) Type() protoreflect.EnumType {
+	return &file_ferry_proto_enumTypes[3]
+}
+
+func (x GroupChange_Op) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use GroupChange_Op.Descriptor instead.
+func (GroupChange_Op) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{51, 0}
+}
+
 // ClientFrame is every frame a client sends. Each one is a request: the server
 // answers it with exactly one Response carrying the same id.
 type ClientFrame struct {
@@ -279,6 +352,11 @@ type ClientFrame struct {
 	//	*ClientFrame_ApproveLink
 	//	*ClientFrame_RemoveDevice
 	//	*ClientFrame_SyncToDevice
+	//	*ClientFrame_GroupCreate
+	//	*ClientFrame_GroupChange
+	//	*ClientFrame_GetGroup
+	//	*ClientFrame_ListGroups
+	//	*ClientFrame_GroupSend
 	Body          isClientFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -463,6 +541,51 @@ func (x *ClientFrame) GetSyncToDevice() *SyncToDevice {
 	return nil
 }
 
+func (x *ClientFrame) GetGroupCreate() *GroupCreate {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_GroupCreate); ok {
+			return x.GroupCreate
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetGroupChange() *GroupChange {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_GroupChange); ok {
+			return x.GroupChange
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetGetGroup() *GetGroup {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_GetGroup); ok {
+			return x.GetGroup
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetListGroups() *ListGroups {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_ListGroups); ok {
+			return x.ListGroups
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetGroupSend() *GroupSend {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_GroupSend); ok {
+			return x.GroupSend
+		}
+	}
+	return nil
+}
+
 type isClientFrame_Body interface {
 	isClientFrame_Body()
 }
@@ -527,6 +650,26 @@ type ClientFrame_SyncToDevice struct {
 	SyncToDevice *SyncToDevice `protobuf:"bytes,16,opt,name=sync_to_device,json=syncToDevice,proto3,oneof"`
 }
 
+type ClientFrame_GroupCreate struct {
+	GroupCreate *GroupCreate `protobuf:"bytes,17,opt,name=group_create,json=groupCreate,proto3,oneof"`
+}
+
+type ClientFrame_GroupChange struct {
+	GroupChange *GroupChange `protobuf:"bytes,18,opt,name=group_change,json=groupChange,proto3,oneof"` // add, remove, leave, admin
+}
+
+type ClientFrame_GetGroup struct {
+	GetGroup *GetGroup `protobuf:"bytes,19,opt,name=get_group,json=getGroup,proto3,oneof"`
+}
+
+type ClientFrame_ListGroups struct {
+	ListGroups *ListGroups `protobuf:"bytes,20,opt,name=list_groups,json=listGroups,proto3,oneof"`
+}
+
+type ClientFrame_GroupSend struct {
+	GroupSend *GroupSend `protobuf:"bytes,21,opt,name=group_send,json=groupSend,proto3,oneof"`
+}
+
 func (*ClientFrame_Hello) isClientFrame_Body() {}
 
 func (*ClientFrame_Register) isClientFrame_Body() {}
@@ -556,6 +699,16 @@ func (*ClientFrame_ApproveLink) isClientFrame_Body() {}
 func (*ClientFrame_RemoveDevice) isClientFrame_Body() {}
 
 func (*ClientFrame_SyncToDevice) isClientFrame_Body() {}
+
+func (*ClientFrame_GroupCreate) isClientFrame_Body() {}
+
+func (*ClientFrame_GroupChange) isClientFrame_Body() {}
+
+func (*ClientFrame_GetGroup) isClientFrame_Body() {}
+
+func (*ClientFrame_ListGroups) isClientFrame_Body() {}
+
+func (*ClientFrame_GroupSend) isClientFrame_Body() {}
 
 // ServerFrame is every frame the server sends: a response or an event.
 type ServerFrame struct {
@@ -661,6 +814,9 @@ type Response struct {
 	//	*Response_ApproveLink
 	//	*Response_RemoveDevice
 	//	*Response_SyncToDevice
+	//	*Response_Group
+	//	*Response_ListGroups
+	//	*Response_GroupSend
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -852,6 +1008,33 @@ func (x *Response) GetSyncToDevice() *SendResult {
 	return nil
 }
 
+func (x *Response) GetGroup() *GroupInfo {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Group); ok {
+			return x.Group
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetListGroups() *ListGroupsResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_ListGroups); ok {
+			return x.ListGroups
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetGroupSend() *SendResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_GroupSend); ok {
+			return x.GroupSend
+		}
+	}
+	return nil
+}
+
 type isResponse_Result interface {
 	isResponse_Result()
 }
@@ -916,6 +1099,18 @@ type Response_SyncToDevice struct {
 	SyncToDevice *SendResult `protobuf:"bytes,24,opt,name=sync_to_device,json=syncToDevice,proto3,oneof"`
 }
 
+type Response_Group struct {
+	Group *GroupInfo `protobuf:"bytes,25,opt,name=group,proto3,oneof"` // GroupCreate, GroupChange, GetGroup
+}
+
+type Response_ListGroups struct {
+	ListGroups *ListGroupsResult `protobuf:"bytes,26,opt,name=list_groups,json=listGroups,proto3,oneof"`
+}
+
+type Response_GroupSend struct {
+	GroupSend *SendResult `protobuf:"bytes,27,opt,name=group_send,json=groupSend,proto3,oneof"`
+}
+
 func (*Response_Welcome) isResponse_Result() {}
 
 func (*Response_Register) isResponse_Result() {}
@@ -945,6 +1140,12 @@ func (*Response_ApproveLink) isResponse_Result() {}
 func (*Response_RemoveDevice) isResponse_Result() {}
 
 func (*Response_SyncToDevice) isResponse_Result() {}
+
+func (*Response_Group) isResponse_Result() {}
+
+func (*Response_ListGroups) isResponse_Result() {}
+
+func (*Response_GroupSend) isResponse_Result() {}
 
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2284,7 +2485,9 @@ type Envelope struct {
 	Type          EnvelopeType           `protobuf:"varint,7,opt,name=type,proto3,enum=ferry.wire.v1.EnvelopeType" json:"type,omitempty"`
 	Content       []byte                 `protobuf:"bytes,8,opt,name=content,proto3" json:"content,omitempty"`
 	ClientMsgId   string                 `protobuf:"bytes,9,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
-	Receipt       *Receipt               `protobuf:"bytes,10,opt,name=receipt,proto3" json:"receipt,omitempty"` // set when type == RECEIPT
+	Receipt       *Receipt               `protobuf:"bytes,10,opt,name=receipt,proto3" json:"receipt,omitempty"`                // set when type == RECEIPT
+	GroupId       string                 `protobuf:"bytes,11,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"` // set for group messages (seq is then the group's) and GROUP_UPDATE
+	Group         *GroupInfo             `protobuf:"bytes,12,opt,name=group,proto3" json:"group,omitempty"`                    // set when type == GROUP_UPDATE: the membership after the change
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2385,6 +2588,20 @@ func (x *Envelope) GetClientMsgId() string {
 func (x *Envelope) GetReceipt() *Receipt {
 	if x != nil {
 		return x.Receipt
+	}
+	return nil
+}
+
+func (x *Envelope) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *Envelope) GetGroup() *GroupInfo {
+	if x != nil {
+		return x.Group
 	}
 	return nil
 }
@@ -3485,6 +3702,7 @@ func (*RemoveDeviceResult) Descriptor() ([]byte, []int) {
 // sequence; SendResult.seq is 0.
 type SyncToDevice struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
+	Username       string                 `protobuf:"bytes,6,opt,name=username,proto3" json:"username,omitempty"` // "" = the sender's own account; else another account (sender-key distribution)
 	ClientMsgId    string                 `protobuf:"bytes,1,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
 	DeviceId       uint32                 `protobuf:"varint,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
 	RegistrationId uint32                 `protobuf:"varint,3,opt,name=registration_id,json=registrationId,proto3" json:"registration_id,omitempty"`
@@ -3524,6 +3742,13 @@ func (*SyncToDevice) Descriptor() ([]byte, []int) {
 	return file_ferry_proto_rawDescGZIP(), []int{46}
 }
 
+func (x *SyncToDevice) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
 func (x *SyncToDevice) GetClientMsgId() string {
 	if x != nil {
 		return x.ClientMsgId
@@ -3559,6 +3784,532 @@ func (x *SyncToDevice) GetContent() []byte {
 	return nil
 }
 
+// GroupInfo is a group's membership as the server keeps it (it fans out).
+type GroupInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`           // 32 hex characters, chosen by the server
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`                                // display name (not secret to the server)
+	Version       uint64                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`                         // membership version, +1 on every change
+	Members       []*GroupMember         `protobuf:"bytes,4,rep,name=members,proto3" json:"members,omitempty"`                          // ascending username
+	AdminsOnly    bool                   `protobuf:"varint,5,opt,name=admins_only,json=adminsOnly,proto3" json:"admins_only,omitempty"` // only admins change membership (default true)
+	ChangedBy     string                 `protobuf:"bytes,6,opt,name=changed_by,json=changedBy,proto3" json:"changed_by,omitempty"`     // who made the latest change
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupInfo) Reset() {
+	*x = GroupInfo{}
+	mi := &file_ferry_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupInfo) ProtoMessage() {}
+
+func (x *GroupInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupInfo.ProtoReflect.Descriptor instead.
+func (*GroupInfo) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *GroupInfo) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *GroupInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GroupInfo) GetVersion() uint64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *GroupInfo) GetMembers() []*GroupMember {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *GroupInfo) GetAdminsOnly() bool {
+	if x != nil {
+		return x.AdminsOnly
+	}
+	return false
+}
+
+func (x *GroupInfo) GetChangedBy() string {
+	if x != nil {
+		return x.ChangedBy
+	}
+	return ""
+}
+
+type GroupMember struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
+	Admin         bool                   `protobuf:"varint,2,opt,name=admin,proto3" json:"admin,omitempty"`
+	Devices       []*GroupDevice         `protobuf:"bytes,3,rep,name=devices,proto3" json:"devices,omitempty"` // ascending device_id: who a sender must distribute its sender key to
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupMember) Reset() {
+	*x = GroupMember{}
+	mi := &file_ferry_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupMember) ProtoMessage() {}
+
+func (x *GroupMember) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupMember.ProtoReflect.Descriptor instead.
+func (*GroupMember) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *GroupMember) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *GroupMember) GetAdmin() bool {
+	if x != nil {
+		return x.Admin
+	}
+	return false
+}
+
+func (x *GroupMember) GetDevices() []*GroupDevice {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+type GroupDevice struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	DeviceId       uint32                 `protobuf:"varint,1,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	RegistrationId uint32                 `protobuf:"varint,2,opt,name=registration_id,json=registrationId,proto3" json:"registration_id,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *GroupDevice) Reset() {
+	*x = GroupDevice{}
+	mi := &file_ferry_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupDevice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupDevice) ProtoMessage() {}
+
+func (x *GroupDevice) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupDevice.ProtoReflect.Descriptor instead.
+func (*GroupDevice) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *GroupDevice) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+func (x *GroupDevice) GetRegistrationId() uint32 {
+	if x != nil {
+		return x.RegistrationId
+	}
+	return 0
+}
+
+type GroupCreate struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`       // 1..64 bytes
+	Members       []string               `protobuf:"bytes,2,rep,name=members,proto3" json:"members,omitempty"` // besides the creator, who becomes the first admin
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupCreate) Reset() {
+	*x = GroupCreate{}
+	mi := &file_ferry_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupCreate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupCreate) ProtoMessage() {}
+
+func (x *GroupCreate) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupCreate.ProtoReflect.Descriptor instead.
+func (*GroupCreate) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *GroupCreate) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GroupCreate) GetMembers() []string {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+type GroupChange struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Op            GroupChange_Op         `protobuf:"varint,2,opt,name=op,proto3,enum=ferry.wire.v1.GroupChange_Op" json:"op,omitempty"`
+	Members       []string               `protobuf:"bytes,3,rep,name=members,proto3" json:"members,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GroupChange) Reset() {
+	*x = GroupChange{}
+	mi := &file_ferry_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupChange) ProtoMessage() {}
+
+func (x *GroupChange) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupChange.ProtoReflect.Descriptor instead.
+func (*GroupChange) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *GroupChange) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *GroupChange) GetOp() GroupChange_Op {
+	if x != nil {
+		return x.Op
+	}
+	return GroupChange_OP_UNSPECIFIED
+}
+
+func (x *GroupChange) GetMembers() []string {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+type GetGroup struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetGroup) Reset() {
+	*x = GetGroup{}
+	mi := &file_ferry_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetGroup) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetGroup) ProtoMessage() {}
+
+func (x *GetGroup) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetGroup.ProtoReflect.Descriptor instead.
+func (*GetGroup) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *GetGroup) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+type ListGroups struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListGroups) Reset() {
+	*x = ListGroups{}
+	mi := &file_ferry_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListGroups) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListGroups) ProtoMessage() {}
+
+func (x *ListGroups) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListGroups.ProtoReflect.Descriptor instead.
+func (*ListGroups) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{53}
+}
+
+type ListGroupsResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Groups        []*GroupInfo           `protobuf:"bytes,1,rep,name=groups,proto3" json:"groups,omitempty"` // every group the requester is a member of
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListGroupsResult) Reset() {
+	*x = ListGroupsResult{}
+	mi := &file_ferry_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListGroupsResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListGroupsResult) ProtoMessage() {}
+
+func (x *ListGroupsResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListGroupsResult.ProtoReflect.Descriptor instead.
+func (*ListGroupsResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *ListGroupsResult) GetGroups() []*GroupInfo {
+	if x != nil {
+		return x.Groups
+	}
+	return nil
+}
+
+// GroupSend: one sender-key ciphertext for every other member device.
+// view_hash names the device set the sender distributed its sender key to:
+//
+//	SHA-256 over, for every member device except the sending device, in
+//	ascending (username, device_id) order: username 0x00 device_id(4 BE) registration_id(4 BE)
+//
+// If membership_version or view_hash do not match the server's, nothing is
+// stored and the error is GROUP_STALE with Error.group set to the current
+// membership.
+type GroupSend struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	ClientMsgId       string                 `protobuf:"bytes,1,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
+	GroupId           string                 `protobuf:"bytes,2,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	MembershipVersion uint64                 `protobuf:"varint,3,opt,name=membership_version,json=membershipVersion,proto3" json:"membership_version,omitempty"`
+	ViewHash          []byte                 `protobuf:"bytes,4,opt,name=view_hash,json=viewHash,proto3" json:"view_hash,omitempty"`
+	Type              EnvelopeType           `protobuf:"varint,5,opt,name=type,proto3,enum=ferry.wire.v1.EnvelopeType" json:"type,omitempty"` // SENDER_KEY_MESSAGE
+	Content           []byte                 `protobuf:"bytes,6,opt,name=content,proto3" json:"content,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *GroupSend) Reset() {
+	*x = GroupSend{}
+	mi := &file_ferry_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GroupSend) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GroupSend) ProtoMessage() {}
+
+func (x *GroupSend) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GroupSend.ProtoReflect.Descriptor instead.
+func (*GroupSend) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *GroupSend) GetClientMsgId() string {
+	if x != nil {
+		return x.ClientMsgId
+	}
+	return ""
+}
+
+func (x *GroupSend) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *GroupSend) GetMembershipVersion() uint64 {
+	if x != nil {
+		return x.MembershipVersion
+	}
+	return 0
+}
+
+func (x *GroupSend) GetViewHash() []byte {
+	if x != nil {
+		return x.ViewHash
+	}
+	return nil
+}
+
+func (x *GroupSend) GetType() EnvelopeType {
+	if x != nil {
+		return x.Type
+	}
+	return EnvelopeType_ENVELOPE_TYPE_UNSPECIFIED
+}
+
+func (x *GroupSend) GetContent() []byte {
+	if x != nil {
+		return x.Content
+	}
+	return nil
+}
+
 type Error struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Code          ErrorCode              `protobuf:"varint,1,opt,name=code,proto3,enum=ferry.wire.v1.ErrorCode" json:"code,omitempty"`
@@ -3566,13 +4317,14 @@ type Error struct {
 	Retryable     bool                   `protobuf:"varint,3,opt,name=retryable,proto3" json:"retryable,omitempty"` // retrying the same request later may succeed
 	RetryAfterMs  uint32                 `protobuf:"varint,4,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
 	Mismatch      *DeviceMismatch        `protobuf:"bytes,5,opt,name=mismatch,proto3" json:"mismatch,omitempty"`
+	Group         *GroupInfo             `protobuf:"bytes,6,opt,name=group,proto3" json:"group,omitempty"` // with GROUP_STALE
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_ferry_proto_msgTypes[47]
+	mi := &file_ferry_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3584,7 +4336,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[47]
+	mi := &file_ferry_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3597,7 +4349,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{47}
+	return file_ferry_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -3635,6 +4387,13 @@ func (x *Error) GetMismatch() *DeviceMismatch {
 	return nil
 }
 
+func (x *Error) GetGroup() *GroupInfo {
+	if x != nil {
+		return x.Group
+	}
+	return nil
+}
+
 type DeviceRef struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
@@ -3645,7 +4404,7 @@ type DeviceRef struct {
 
 func (x *DeviceRef) Reset() {
 	*x = DeviceRef{}
-	mi := &file_ferry_proto_msgTypes[48]
+	mi := &file_ferry_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3657,7 +4416,7 @@ func (x *DeviceRef) String() string {
 func (*DeviceRef) ProtoMessage() {}
 
 func (x *DeviceRef) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[48]
+	mi := &file_ferry_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3670,7 +4429,7 @@ func (x *DeviceRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceRef.ProtoReflect.Descriptor instead.
 func (*DeviceRef) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{48}
+	return file_ferry_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *DeviceRef) GetUsername() string {
@@ -3702,7 +4461,7 @@ type DeviceMismatch struct {
 
 func (x *DeviceMismatch) Reset() {
 	*x = DeviceMismatch{}
-	mi := &file_ferry_proto_msgTypes[49]
+	mi := &file_ferry_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3714,7 +4473,7 @@ func (x *DeviceMismatch) String() string {
 func (*DeviceMismatch) ProtoMessage() {}
 
 func (x *DeviceMismatch) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[49]
+	mi := &file_ferry_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3727,7 +4486,7 @@ func (x *DeviceMismatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceMismatch.ProtoReflect.Descriptor instead.
 func (*DeviceMismatch) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{49}
+	return file_ferry_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *DeviceMismatch) GetMissing() []*DeviceRef {
@@ -3760,13 +4519,15 @@ type Content struct {
 	Text          string                 `protobuf:"bytes,1,opt,name=text,proto3" json:"text,omitempty"`
 	SentTimeMs    int64                  `protobuf:"varint,2,opt,name=sent_time_ms,json=sentTimeMs,proto3" json:"sent_time_ms,omitempty"` // sender's clock; for display only, never for ordering
 	History       *HistoryChunk          `protobuf:"bytes,3,opt,name=history,proto3" json:"history,omitempty"`                            // set only in SyncToDevice messages to a new device
+	SenderKey     *SenderKeyDistribution `protobuf:"bytes,4,opt,name=sender_key,json=senderKey,proto3" json:"sender_key,omitempty"`       // pairwise (SyncToDevice) only
+	GroupCheck    []byte                 `protobuf:"bytes,5,opt,name=group_check,json=groupCheck,proto3" json:"group_check,omitempty"`    // in group messages: SHA-256(group_id || text)[:16] (sender-key messages carry no MAC)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Content) Reset() {
 	*x = Content{}
-	mi := &file_ferry_proto_msgTypes[50]
+	mi := &file_ferry_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3778,7 +4539,7 @@ func (x *Content) String() string {
 func (*Content) ProtoMessage() {}
 
 func (x *Content) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[50]
+	mi := &file_ferry_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3791,7 +4552,7 @@ func (x *Content) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Content.ProtoReflect.Descriptor instead.
 func (*Content) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{50}
+	return file_ferry_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *Content) GetText() string {
@@ -3815,6 +4576,73 @@ func (x *Content) GetHistory() *HistoryChunk {
 	return nil
 }
 
+func (x *Content) GetSenderKey() *SenderKeyDistribution {
+	if x != nil {
+		return x.SenderKey
+	}
+	return nil
+}
+
+func (x *Content) GetGroupCheck() []byte {
+	if x != nil {
+		return x.GroupCheck
+	}
+	return nil
+}
+
+// SenderKeyDistribution carries a Signal SenderKeyDistributionMessage for a group.
+type SenderKeyDistribution struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Message       []byte                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"` // SenderKeyDistributionMessage bytes
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SenderKeyDistribution) Reset() {
+	*x = SenderKeyDistribution{}
+	mi := &file_ferry_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SenderKeyDistribution) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SenderKeyDistribution) ProtoMessage() {}
+
+func (x *SenderKeyDistribution) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SenderKeyDistribution.ProtoReflect.Descriptor instead.
+func (*SenderKeyDistribution) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *SenderKeyDistribution) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *SenderKeyDistribution) GetMessage() []byte {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
 // HistoryChunk carries part of the primary's history to a newly linked device.
 type HistoryChunk struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -3826,7 +4654,7 @@ type HistoryChunk struct {
 
 func (x *HistoryChunk) Reset() {
 	*x = HistoryChunk{}
-	mi := &file_ferry_proto_msgTypes[51]
+	mi := &file_ferry_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3838,7 +4666,7 @@ func (x *HistoryChunk) String() string {
 func (*HistoryChunk) ProtoMessage() {}
 
 func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[51]
+	mi := &file_ferry_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3851,7 +4679,7 @@ func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryChunk.ProtoReflect.Descriptor instead.
 func (*HistoryChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{51}
+	return file_ferry_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *HistoryChunk) GetMessages() []*HistoryMessage {
@@ -3886,7 +4714,7 @@ type HistoryMessage struct {
 
 func (x *HistoryMessage) Reset() {
 	*x = HistoryMessage{}
-	mi := &file_ferry_proto_msgTypes[52]
+	mi := &file_ferry_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3898,7 +4726,7 @@ func (x *HistoryMessage) String() string {
 func (*HistoryMessage) ProtoMessage() {}
 
 func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[52]
+	mi := &file_ferry_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3911,7 +4739,7 @@ func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryMessage.ProtoReflect.Descriptor instead.
 func (*HistoryMessage) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{52}
+	return file_ferry_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *HistoryMessage) GetPeer() string {
@@ -3988,7 +4816,7 @@ var File_ferry_proto protoreflect.FileDescriptor
 
 const file_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\vferry.proto\x12\rferry.wire.v1\"\x9b\a\n" +
+	"\vferry.proto\x12\rferry.wire.v1\"\xce\t\n" +
 	"\vClientFrame\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x05hello\x18\x02 \x01(\v2\x14.ferry.wire.v1.HelloH\x00R\x05hello\x125\n" +
@@ -4009,12 +4837,19 @@ const file_ferry_proto_rawDesc = "" +
 	"\bget_link\x18\r \x01(\v2\x16.ferry.wire.v1.GetLinkH\x00R\agetLink\x12?\n" +
 	"\fapprove_link\x18\x0e \x01(\v2\x1a.ferry.wire.v1.ApproveLinkH\x00R\vapproveLink\x12B\n" +
 	"\rremove_device\x18\x0f \x01(\v2\x1b.ferry.wire.v1.RemoveDeviceH\x00R\fremoveDevice\x12C\n" +
-	"\x0esync_to_device\x18\x10 \x01(\v2\x1b.ferry.wire.v1.SyncToDeviceH\x00R\fsyncToDeviceB\x06\n" +
+	"\x0esync_to_device\x18\x10 \x01(\v2\x1b.ferry.wire.v1.SyncToDeviceH\x00R\fsyncToDevice\x12?\n" +
+	"\fgroup_create\x18\x11 \x01(\v2\x1a.ferry.wire.v1.GroupCreateH\x00R\vgroupCreate\x12?\n" +
+	"\fgroup_change\x18\x12 \x01(\v2\x1a.ferry.wire.v1.GroupChangeH\x00R\vgroupChange\x126\n" +
+	"\tget_group\x18\x13 \x01(\v2\x17.ferry.wire.v1.GetGroupH\x00R\bgetGroup\x12<\n" +
+	"\vlist_groups\x18\x14 \x01(\v2\x19.ferry.wire.v1.ListGroupsH\x00R\n" +
+	"listGroups\x129\n" +
+	"\n" +
+	"group_send\x18\x15 \x01(\v2\x18.ferry.wire.v1.GroupSendH\x00R\tgroupSendB\x06\n" +
 	"\x04body\"z\n" +
 	"\vServerFrame\x125\n" +
 	"\bresponse\x18\x01 \x01(\v2\x17.ferry.wire.v1.ResponseH\x00R\bresponse\x12,\n" +
 	"\x05event\x18\x02 \x01(\v2\x14.ferry.wire.v1.EventH\x00R\x05eventB\x06\n" +
-	"\x04body\"\x98\b\n" +
+	"\x04body\"\xca\t\n" +
 	"\bResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12*\n" +
 	"\x05error\x18\x02 \x01(\v2\x14.ferry.wire.v1.ErrorR\x05error\x122\n" +
@@ -4036,7 +4871,12 @@ const file_ferry_proto_rawDesc = "" +
 	"\bget_link\x18\x15 \x01(\v2\x1c.ferry.wire.v1.GetLinkResultH\x00R\agetLink\x12E\n" +
 	"\fapprove_link\x18\x16 \x01(\v2 .ferry.wire.v1.ApproveLinkResultH\x00R\vapproveLink\x12H\n" +
 	"\rremove_device\x18\x17 \x01(\v2!.ferry.wire.v1.RemoveDeviceResultH\x00R\fremoveDevice\x12A\n" +
-	"\x0esync_to_device\x18\x18 \x01(\v2\x19.ferry.wire.v1.SendResultH\x00R\fsyncToDeviceB\b\n" +
+	"\x0esync_to_device\x18\x18 \x01(\v2\x19.ferry.wire.v1.SendResultH\x00R\fsyncToDevice\x120\n" +
+	"\x05group\x18\x19 \x01(\v2\x18.ferry.wire.v1.GroupInfoH\x00R\x05group\x12B\n" +
+	"\vlist_groups\x18\x1a \x01(\v2\x1f.ferry.wire.v1.ListGroupsResultH\x00R\n" +
+	"listGroups\x12:\n" +
+	"\n" +
+	"group_send\x18\x1b \x01(\v2\x19.ferry.wire.v1.SendResultH\x00R\tgroupSendB\b\n" +
 	"\x06result\"\x86\x02\n" +
 	"\x05Event\x125\n" +
 	"\benvelope\x18\x01 \x01(\v2\x17.ferry.wire.v1.EnvelopeH\x00R\benvelope\x12<\n" +
@@ -4129,7 +4969,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\x03Ack\x12!\n" +
 	"\fenvelope_ids\x18\x01 \x03(\x04R\venvelopeIds\"%\n" +
 	"\tAckResult\x12\x18\n" +
-	"\adeleted\x18\x01 \x01(\rR\adeleted\"\xc0\x02\n" +
+	"\adeleted\x18\x01 \x01(\rR\adeleted\"\x8b\x03\n" +
 	"\bEnvelope\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x16\n" +
 	"\x06sender\x18\x02 \x01(\tR\x06sender\x12#\n" +
@@ -4141,7 +4981,9 @@ const file_ferry_proto_rawDesc = "" +
 	"\acontent\x18\b \x01(\fR\acontent\x12\"\n" +
 	"\rclient_msg_id\x18\t \x01(\tR\vclientMsgId\x120\n" +
 	"\areceipt\x18\n" +
-	" \x01(\v2\x16.ferry.wire.v1.ReceiptR\areceipt\"\xb8\x01\n" +
+	" \x01(\v2\x16.ferry.wire.v1.ReceiptR\areceipt\x12\x19\n" +
+	"\bgroup_id\x18\v \x01(\tR\agroupId\x12.\n" +
+	"\x05group\x18\f \x01(\v2\x18.ferry.wire.v1.GroupInfoR\x05group\"\xb8\x01\n" +
 	"\aReceipt\x12.\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1a.ferry.wire.v1.ReceiptKindR\x04kind\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1b\n" +
@@ -4213,31 +5055,84 @@ const file_ferry_proto_rawDesc = "" +
 	"\tdevice_id\x18\x03 \x01(\rR\bdeviceId\"+\n" +
 	"\fRemoveDevice\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\rR\bdeviceId\"\x14\n" +
-	"\x12RemoveDeviceResult\"\xc3\x01\n" +
-	"\fSyncToDevice\x12\"\n" +
+	"\x12RemoveDeviceResult\"\xdf\x01\n" +
+	"\fSyncToDevice\x12\x1a\n" +
+	"\busername\x18\x06 \x01(\tR\busername\x12\"\n" +
 	"\rclient_msg_id\x18\x01 \x01(\tR\vclientMsgId\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\x12'\n" +
 	"\x0fregistration_id\x18\x03 \x01(\rR\x0eregistrationId\x12/\n" +
 	"\x04type\x18\x04 \x01(\x0e2\x1b.ferry.wire.v1.EnvelopeTypeR\x04type\x12\x18\n" +
-	"\acontent\x18\x05 \x01(\fR\acontent\"\xce\x01\n" +
+	"\acontent\x18\x05 \x01(\fR\acontent\"\xca\x01\n" +
+	"\tGroupInfo\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\x04R\aversion\x124\n" +
+	"\amembers\x18\x04 \x03(\v2\x1a.ferry.wire.v1.GroupMemberR\amembers\x12\x1f\n" +
+	"\vadmins_only\x18\x05 \x01(\bR\n" +
+	"adminsOnly\x12\x1d\n" +
+	"\n" +
+	"changed_by\x18\x06 \x01(\tR\tchangedBy\"u\n" +
+	"\vGroupMember\x12\x1a\n" +
+	"\busername\x18\x01 \x01(\tR\busername\x12\x14\n" +
+	"\x05admin\x18\x02 \x01(\bR\x05admin\x124\n" +
+	"\adevices\x18\x03 \x03(\v2\x1a.ferry.wire.v1.GroupDeviceR\adevices\"S\n" +
+	"\vGroupDevice\x12\x1b\n" +
+	"\tdevice_id\x18\x01 \x01(\rR\bdeviceId\x12'\n" +
+	"\x0fregistration_id\x18\x02 \x01(\rR\x0eregistrationId\";\n" +
+	"\vGroupCreate\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\amembers\x18\x02 \x03(\tR\amembers\"\xc3\x01\n" +
+	"\vGroupChange\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12-\n" +
+	"\x02op\x18\x02 \x01(\x0e2\x1d.ferry.wire.v1.GroupChange.OpR\x02op\x12\x18\n" +
+	"\amembers\x18\x03 \x03(\tR\amembers\"P\n" +
+	"\x02Op\x12\x12\n" +
+	"\x0eOP_UNSPECIFIED\x10\x00\x12\a\n" +
+	"\x03ADD\x10\x01\x12\n" +
+	"\n" +
+	"\x06REMOVE\x10\x02\x12\t\n" +
+	"\x05LEAVE\x10\x03\x12\t\n" +
+	"\x05ADMIN\x10\x04\x12\v\n" +
+	"\aUNADMIN\x10\x05\"%\n" +
+	"\bGetGroup\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\tR\agroupId\"\f\n" +
+	"\n" +
+	"ListGroups\"D\n" +
+	"\x10ListGroupsResult\x120\n" +
+	"\x06groups\x18\x01 \x03(\v2\x18.ferry.wire.v1.GroupInfoR\x06groups\"\xe1\x01\n" +
+	"\tGroupSend\x12\"\n" +
+	"\rclient_msg_id\x18\x01 \x01(\tR\vclientMsgId\x12\x19\n" +
+	"\bgroup_id\x18\x02 \x01(\tR\agroupId\x12-\n" +
+	"\x12membership_version\x18\x03 \x01(\x04R\x11membershipVersion\x12\x1b\n" +
+	"\tview_hash\x18\x04 \x01(\fR\bviewHash\x12/\n" +
+	"\x04type\x18\x05 \x01(\x0e2\x1b.ferry.wire.v1.EnvelopeTypeR\x04type\x12\x18\n" +
+	"\acontent\x18\x06 \x01(\fR\acontent\"\xfe\x01\n" +
 	"\x05Error\x12,\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x18.ferry.wire.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
 	"\tretryable\x18\x03 \x01(\bR\tretryable\x12$\n" +
 	"\x0eretry_after_ms\x18\x04 \x01(\rR\fretryAfterMs\x129\n" +
-	"\bmismatch\x18\x05 \x01(\v2\x1d.ferry.wire.v1.DeviceMismatchR\bmismatch\"D\n" +
+	"\bmismatch\x18\x05 \x01(\v2\x1d.ferry.wire.v1.DeviceMismatchR\bmismatch\x12.\n" +
+	"\x05group\x18\x06 \x01(\v2\x18.ferry.wire.v1.GroupInfoR\x05group\"D\n" +
 	"\tDeviceRef\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\"\xa4\x01\n" +
 	"\x0eDeviceMismatch\x122\n" +
 	"\amissing\x18\x01 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\amissing\x12.\n" +
 	"\x05extra\x18\x02 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05extra\x12.\n" +
-	"\x05stale\x18\x03 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05stale\"v\n" +
+	"\x05stale\x18\x03 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05stale\"\xdc\x01\n" +
 	"\aContent\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12 \n" +
 	"\fsent_time_ms\x18\x02 \x01(\x03R\n" +
 	"sentTimeMs\x125\n" +
-	"\ahistory\x18\x03 \x01(\v2\x1b.ferry.wire.v1.HistoryChunkR\ahistory\"]\n" +
+	"\ahistory\x18\x03 \x01(\v2\x1b.ferry.wire.v1.HistoryChunkR\ahistory\x12C\n" +
+	"\n" +
+	"sender_key\x18\x04 \x01(\v2$.ferry.wire.v1.SenderKeyDistributionR\tsenderKey\x12\x1f\n" +
+	"\vgroup_check\x18\x05 \x01(\fR\n" +
+	"groupCheck\"L\n" +
+	"\x15SenderKeyDistribution\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\fR\amessage\"]\n" +
 	"\fHistoryChunk\x129\n" +
 	"\bmessages\x18\x01 \x03(\v2\x1d.ferry.wire.v1.HistoryMessageR\bmessages\x12\x12\n" +
 	"\x04last\x18\x02 \x01(\bR\x04last\"\xa1\x02\n" +
@@ -4252,17 +5147,18 @@ const file_ferry_proto_rawDesc = "" +
 	"\x04text\x18\b \x01(\tR\x04text\x12\"\n" +
 	"\rclient_msg_id\x18\t \x01(\tR\vclientMsgId\x12\x1c\n" +
 	"\tdelivered\x18\n" +
-	" \x01(\bR\tdelivered*\x81\x01\n" +
+	" \x01(\bR\tdelivered*\x93\x01\n" +
 	"\fEnvelopeType\x12\x1d\n" +
 	"\x19ENVELOPE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eSIGNAL_MESSAGE\x10\x02\x12\x19\n" +
 	"\x15PREKEY_SIGNAL_MESSAGE\x10\x03\x12\x16\n" +
 	"\x12SENDER_KEY_MESSAGE\x10\x04\x12\v\n" +
 	"\aRECEIPT\x10\n" +
-	"*:\n" +
+	"\x12\x10\n" +
+	"\fGROUP_UPDATE\x10\v*:\n" +
 	"\vReceiptKind\x12\x1c\n" +
 	"\x18RECEIPT_KIND_UNSPECIFIED\x10\x00\x12\r\n" +
-	"\tDELIVERED\x10\x01*\xb3\x04\n" +
+	"\tDELIVERED\x10\x01*\xf6\x04\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vBAD_REQUEST\x10\x01\x12\x17\n" +
@@ -4292,7 +5188,12 @@ const file_ferry_proto_rawDesc = "" +
 	"\x13DEVICE_LIST_INVALID\x10\x17\x12\x15\n" +
 	"\x11DEVICE_LIST_STALE\x10\x18\x12\x15\n" +
 	"\x11LINK_CODE_INVALID\x10\x19\x12\x15\n" +
-	"\x11LINK_CODE_EXPIRED\x10\x1aB&Z$github.com/ferryhq/ferry/wire/wirepbb\x06proto3"
+	"\x11LINK_CODE_EXPIRED\x10\x1a\x12\x11\n" +
+	"\rUNKNOWN_GROUP\x10\x1b\x12\x0f\n" +
+	"\vGROUP_STALE\x10\x1c\x12\r\n" +
+	"\tNOT_ADMIN\x10\x1d\x12\x0e\n" +
+	"\n" +
+	"GROUP_FULL\x10\x1eB&Z$github.com/ferryhq/ferry/wire/wirepbb\x06proto3"
 
 var (
 	file_ferry_proto_rawDescOnce sync.Once
@@ -4306,131 +5207,158 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
+var file_ferry_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
 var file_ferry_proto_goTypes = []any{
 	(EnvelopeType)(0),               // 0: ferry.wire.v1.EnvelopeType
 	(ReceiptKind)(0),                // 1: ferry.wire.v1.ReceiptKind
 	(ErrorCode)(0),                  // 2: ferry.wire.v1.ErrorCode
-	(*ClientFrame)(nil),             // 3: ferry.wire.v1.ClientFrame
-	(*ServerFrame)(nil),             // 4: ferry.wire.v1.ServerFrame
-	(*Response)(nil),                // 5: ferry.wire.v1.Response
-	(*Event)(nil),                   // 6: ferry.wire.v1.Event
-	(*Hello)(nil),                   // 7: ferry.wire.v1.Hello
-	(*Welcome)(nil),                 // 8: ferry.wire.v1.Welcome
-	(*Limits)(nil),                  // 9: ferry.wire.v1.Limits
-	(*Register)(nil),                // 10: ferry.wire.v1.Register
-	(*RegisterResult)(nil),          // 11: ferry.wire.v1.RegisterResult
-	(*Auth)(nil),                    // 12: ferry.wire.v1.Auth
-	(*AuthResult)(nil),              // 13: ferry.wire.v1.AuthResult
-	(*PreKey)(nil),                  // 14: ferry.wire.v1.PreKey
-	(*SignedPreKey)(nil),            // 15: ferry.wire.v1.SignedPreKey
-	(*UploadKeys)(nil),              // 16: ferry.wire.v1.UploadKeys
-	(*UploadKeysResult)(nil),        // 17: ferry.wire.v1.UploadKeysResult
-	(*KeyStatus)(nil),               // 18: ferry.wire.v1.KeyStatus
-	(*KeyStatusResult)(nil),         // 19: ferry.wire.v1.KeyStatusResult
-	(*ClaimBundles)(nil),            // 20: ferry.wire.v1.ClaimBundles
-	(*PreKeyBundle)(nil),            // 21: ferry.wire.v1.PreKeyBundle
-	(*ClaimBundlesResult)(nil),      // 22: ferry.wire.v1.ClaimBundlesResult
-	(*DeviceCiphertext)(nil),        // 23: ferry.wire.v1.DeviceCiphertext
-	(*Send)(nil),                    // 24: ferry.wire.v1.Send
-	(*SendResult)(nil),              // 25: ferry.wire.v1.SendResult
-	(*Ack)(nil),                     // 26: ferry.wire.v1.Ack
-	(*AckResult)(nil),               // 27: ferry.wire.v1.AckResult
-	(*Envelope)(nil),                // 28: ferry.wire.v1.Envelope
-	(*Receipt)(nil),                 // 29: ferry.wire.v1.Receipt
-	(*QueueEmpty)(nil),              // 30: ferry.wire.v1.QueueEmpty
-	(*PrekeysLow)(nil),              // 31: ferry.wire.v1.PrekeysLow
-	(*DeviceList)(nil),              // 32: ferry.wire.v1.DeviceList
-	(*DeviceListEntry)(nil),         // 33: ferry.wire.v1.DeviceListEntry
-	(*SignedDeviceList)(nil),        // 34: ferry.wire.v1.SignedDeviceList
-	(*PublishDeviceList)(nil),       // 35: ferry.wire.v1.PublishDeviceList
-	(*PublishDeviceListResult)(nil), // 36: ferry.wire.v1.PublishDeviceListResult
-	(*GetDeviceList)(nil),           // 37: ferry.wire.v1.GetDeviceList
-	(*GetDeviceListResult)(nil),     // 38: ferry.wire.v1.GetDeviceListResult
-	(*LinkStart)(nil),               // 39: ferry.wire.v1.LinkStart
-	(*LinkStartResult)(nil),         // 40: ferry.wire.v1.LinkStartResult
-	(*GetLink)(nil),                 // 41: ferry.wire.v1.GetLink
-	(*GetLinkResult)(nil),           // 42: ferry.wire.v1.GetLinkResult
-	(*ApproveLink)(nil),             // 43: ferry.wire.v1.ApproveLink
-	(*ApproveLinkResult)(nil),       // 44: ferry.wire.v1.ApproveLinkResult
-	(*LinkApproved)(nil),            // 45: ferry.wire.v1.LinkApproved
-	(*LinkMaterial)(nil),            // 46: ferry.wire.v1.LinkMaterial
-	(*RemoveDevice)(nil),            // 47: ferry.wire.v1.RemoveDevice
-	(*RemoveDeviceResult)(nil),      // 48: ferry.wire.v1.RemoveDeviceResult
-	(*SyncToDevice)(nil),            // 49: ferry.wire.v1.SyncToDevice
-	(*Error)(nil),                   // 50: ferry.wire.v1.Error
-	(*DeviceRef)(nil),               // 51: ferry.wire.v1.DeviceRef
-	(*DeviceMismatch)(nil),          // 52: ferry.wire.v1.DeviceMismatch
-	(*Content)(nil),                 // 53: ferry.wire.v1.Content
-	(*HistoryChunk)(nil),            // 54: ferry.wire.v1.HistoryChunk
-	(*HistoryMessage)(nil),          // 55: ferry.wire.v1.HistoryMessage
+	(GroupChange_Op)(0),             // 3: ferry.wire.v1.GroupChange.Op
+	(*ClientFrame)(nil),             // 4: ferry.wire.v1.ClientFrame
+	(*ServerFrame)(nil),             // 5: ferry.wire.v1.ServerFrame
+	(*Response)(nil),                // 6: ferry.wire.v1.Response
+	(*Event)(nil),                   // 7: ferry.wire.v1.Event
+	(*Hello)(nil),                   // 8: ferry.wire.v1.Hello
+	(*Welcome)(nil),                 // 9: ferry.wire.v1.Welcome
+	(*Limits)(nil),                  // 10: ferry.wire.v1.Limits
+	(*Register)(nil),                // 11: ferry.wire.v1.Register
+	(*RegisterResult)(nil),          // 12: ferry.wire.v1.RegisterResult
+	(*Auth)(nil),                    // 13: ferry.wire.v1.Auth
+	(*AuthResult)(nil),              // 14: ferry.wire.v1.AuthResult
+	(*PreKey)(nil),                  // 15: ferry.wire.v1.PreKey
+	(*SignedPreKey)(nil),            // 16: ferry.wire.v1.SignedPreKey
+	(*UploadKeys)(nil),              // 17: ferry.wire.v1.UploadKeys
+	(*UploadKeysResult)(nil),        // 18: ferry.wire.v1.UploadKeysResult
+	(*KeyStatus)(nil),               // 19: ferry.wire.v1.KeyStatus
+	(*KeyStatusResult)(nil),         // 20: ferry.wire.v1.KeyStatusResult
+	(*ClaimBundles)(nil),            // 21: ferry.wire.v1.ClaimBundles
+	(*PreKeyBundle)(nil),            // 22: ferry.wire.v1.PreKeyBundle
+	(*ClaimBundlesResult)(nil),      // 23: ferry.wire.v1.ClaimBundlesResult
+	(*DeviceCiphertext)(nil),        // 24: ferry.wire.v1.DeviceCiphertext
+	(*Send)(nil),                    // 25: ferry.wire.v1.Send
+	(*SendResult)(nil),              // 26: ferry.wire.v1.SendResult
+	(*Ack)(nil),                     // 27: ferry.wire.v1.Ack
+	(*AckResult)(nil),               // 28: ferry.wire.v1.AckResult
+	(*Envelope)(nil),                // 29: ferry.wire.v1.Envelope
+	(*Receipt)(nil),                 // 30: ferry.wire.v1.Receipt
+	(*QueueEmpty)(nil),              // 31: ferry.wire.v1.QueueEmpty
+	(*PrekeysLow)(nil),              // 32: ferry.wire.v1.PrekeysLow
+	(*DeviceList)(nil),              // 33: ferry.wire.v1.DeviceList
+	(*DeviceListEntry)(nil),         // 34: ferry.wire.v1.DeviceListEntry
+	(*SignedDeviceList)(nil),        // 35: ferry.wire.v1.SignedDeviceList
+	(*PublishDeviceList)(nil),       // 36: ferry.wire.v1.PublishDeviceList
+	(*PublishDeviceListResult)(nil), // 37: ferry.wire.v1.PublishDeviceListResult
+	(*GetDeviceList)(nil),           // 38: ferry.wire.v1.GetDeviceList
+	(*GetDeviceListResult)(nil),     // 39: ferry.wire.v1.GetDeviceListResult
+	(*LinkStart)(nil),               // 40: ferry.wire.v1.LinkStart
+	(*LinkStartResult)(nil),         // 41: ferry.wire.v1.LinkStartResult
+	(*GetLink)(nil),                 // 42: ferry.wire.v1.GetLink
+	(*GetLinkResult)(nil),           // 43: ferry.wire.v1.GetLinkResult
+	(*ApproveLink)(nil),             // 44: ferry.wire.v1.ApproveLink
+	(*ApproveLinkResult)(nil),       // 45: ferry.wire.v1.ApproveLinkResult
+	(*LinkApproved)(nil),            // 46: ferry.wire.v1.LinkApproved
+	(*LinkMaterial)(nil),            // 47: ferry.wire.v1.LinkMaterial
+	(*RemoveDevice)(nil),            // 48: ferry.wire.v1.RemoveDevice
+	(*RemoveDeviceResult)(nil),      // 49: ferry.wire.v1.RemoveDeviceResult
+	(*SyncToDevice)(nil),            // 50: ferry.wire.v1.SyncToDevice
+	(*GroupInfo)(nil),               // 51: ferry.wire.v1.GroupInfo
+	(*GroupMember)(nil),             // 52: ferry.wire.v1.GroupMember
+	(*GroupDevice)(nil),             // 53: ferry.wire.v1.GroupDevice
+	(*GroupCreate)(nil),             // 54: ferry.wire.v1.GroupCreate
+	(*GroupChange)(nil),             // 55: ferry.wire.v1.GroupChange
+	(*GetGroup)(nil),                // 56: ferry.wire.v1.GetGroup
+	(*ListGroups)(nil),              // 57: ferry.wire.v1.ListGroups
+	(*ListGroupsResult)(nil),        // 58: ferry.wire.v1.ListGroupsResult
+	(*GroupSend)(nil),               // 59: ferry.wire.v1.GroupSend
+	(*Error)(nil),                   // 60: ferry.wire.v1.Error
+	(*DeviceRef)(nil),               // 61: ferry.wire.v1.DeviceRef
+	(*DeviceMismatch)(nil),          // 62: ferry.wire.v1.DeviceMismatch
+	(*Content)(nil),                 // 63: ferry.wire.v1.Content
+	(*SenderKeyDistribution)(nil),   // 64: ferry.wire.v1.SenderKeyDistribution
+	(*HistoryChunk)(nil),            // 65: ferry.wire.v1.HistoryChunk
+	(*HistoryMessage)(nil),          // 66: ferry.wire.v1.HistoryMessage
 }
 var file_ferry_proto_depIdxs = []int32{
-	7,  // 0: ferry.wire.v1.ClientFrame.hello:type_name -> ferry.wire.v1.Hello
-	10, // 1: ferry.wire.v1.ClientFrame.register:type_name -> ferry.wire.v1.Register
-	12, // 2: ferry.wire.v1.ClientFrame.auth:type_name -> ferry.wire.v1.Auth
-	16, // 3: ferry.wire.v1.ClientFrame.upload_keys:type_name -> ferry.wire.v1.UploadKeys
-	20, // 4: ferry.wire.v1.ClientFrame.claim_bundles:type_name -> ferry.wire.v1.ClaimBundles
-	24, // 5: ferry.wire.v1.ClientFrame.send:type_name -> ferry.wire.v1.Send
-	26, // 6: ferry.wire.v1.ClientFrame.ack:type_name -> ferry.wire.v1.Ack
-	18, // 7: ferry.wire.v1.ClientFrame.key_status:type_name -> ferry.wire.v1.KeyStatus
-	35, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
-	37, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
-	39, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
-	41, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
-	43, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
-	47, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
-	49, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
-	5,  // 15: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
-	6,  // 16: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
-	50, // 17: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
-	8,  // 18: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
-	11, // 19: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
-	13, // 20: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
-	17, // 21: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
-	22, // 22: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
-	25, // 23: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
-	27, // 24: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
-	19, // 25: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
-	36, // 26: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
-	38, // 27: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
-	40, // 28: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
-	42, // 29: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
-	44, // 30: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
-	48, // 31: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
-	25, // 32: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
-	28, // 33: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
-	30, // 34: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
-	31, // 35: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
-	45, // 36: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
-	9,  // 37: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
-	15, // 38: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	14, // 39: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
-	15, // 40: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	14, // 41: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
-	21, // 42: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
-	0,  // 43: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
-	23, // 44: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
-	0,  // 45: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
-	29, // 46: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
-	1,  // 47: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
-	33, // 48: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
-	34, // 49: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
-	34, // 50: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
-	0,  // 51: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
-	2,  // 52: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
-	52, // 53: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
-	51, // 54: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
-	51, // 55: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
-	51, // 56: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
-	54, // 57: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
-	55, // 58: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
-	59, // [59:59] is the sub-list for method output_type
-	59, // [59:59] is the sub-list for method input_type
-	59, // [59:59] is the sub-list for extension type_name
-	59, // [59:59] is the sub-list for extension extendee
-	0,  // [0:59] is the sub-list for field type_name
+	8,  // 0: ferry.wire.v1.ClientFrame.hello:type_name -> ferry.wire.v1.Hello
+	11, // 1: ferry.wire.v1.ClientFrame.register:type_name -> ferry.wire.v1.Register
+	13, // 2: ferry.wire.v1.ClientFrame.auth:type_name -> ferry.wire.v1.Auth
+	17, // 3: ferry.wire.v1.ClientFrame.upload_keys:type_name -> ferry.wire.v1.UploadKeys
+	21, // 4: ferry.wire.v1.ClientFrame.claim_bundles:type_name -> ferry.wire.v1.ClaimBundles
+	25, // 5: ferry.wire.v1.ClientFrame.send:type_name -> ferry.wire.v1.Send
+	27, // 6: ferry.wire.v1.ClientFrame.ack:type_name -> ferry.wire.v1.Ack
+	19, // 7: ferry.wire.v1.ClientFrame.key_status:type_name -> ferry.wire.v1.KeyStatus
+	36, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
+	38, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
+	40, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
+	42, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
+	44, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
+	48, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
+	50, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
+	54, // 15: ferry.wire.v1.ClientFrame.group_create:type_name -> ferry.wire.v1.GroupCreate
+	55, // 16: ferry.wire.v1.ClientFrame.group_change:type_name -> ferry.wire.v1.GroupChange
+	56, // 17: ferry.wire.v1.ClientFrame.get_group:type_name -> ferry.wire.v1.GetGroup
+	57, // 18: ferry.wire.v1.ClientFrame.list_groups:type_name -> ferry.wire.v1.ListGroups
+	59, // 19: ferry.wire.v1.ClientFrame.group_send:type_name -> ferry.wire.v1.GroupSend
+	6,  // 20: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
+	7,  // 21: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
+	60, // 22: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
+	9,  // 23: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
+	12, // 24: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
+	14, // 25: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
+	18, // 26: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
+	23, // 27: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
+	26, // 28: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
+	28, // 29: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
+	20, // 30: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
+	37, // 31: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
+	39, // 32: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
+	41, // 33: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
+	43, // 34: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
+	45, // 35: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
+	49, // 36: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
+	26, // 37: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
+	51, // 38: ferry.wire.v1.Response.group:type_name -> ferry.wire.v1.GroupInfo
+	58, // 39: ferry.wire.v1.Response.list_groups:type_name -> ferry.wire.v1.ListGroupsResult
+	26, // 40: ferry.wire.v1.Response.group_send:type_name -> ferry.wire.v1.SendResult
+	29, // 41: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
+	31, // 42: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
+	32, // 43: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
+	46, // 44: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
+	10, // 45: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
+	16, // 46: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	15, // 47: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
+	16, // 48: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	15, // 49: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
+	22, // 50: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
+	0,  // 51: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
+	24, // 52: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
+	0,  // 53: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
+	30, // 54: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
+	51, // 55: ferry.wire.v1.Envelope.group:type_name -> ferry.wire.v1.GroupInfo
+	1,  // 56: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
+	34, // 57: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
+	35, // 58: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
+	35, // 59: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
+	0,  // 60: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
+	52, // 61: ferry.wire.v1.GroupInfo.members:type_name -> ferry.wire.v1.GroupMember
+	53, // 62: ferry.wire.v1.GroupMember.devices:type_name -> ferry.wire.v1.GroupDevice
+	3,  // 63: ferry.wire.v1.GroupChange.op:type_name -> ferry.wire.v1.GroupChange.Op
+	51, // 64: ferry.wire.v1.ListGroupsResult.groups:type_name -> ferry.wire.v1.GroupInfo
+	0,  // 65: ferry.wire.v1.GroupSend.type:type_name -> ferry.wire.v1.EnvelopeType
+	2,  // 66: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
+	62, // 67: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
+	51, // 68: ferry.wire.v1.Error.group:type_name -> ferry.wire.v1.GroupInfo
+	61, // 69: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
+	61, // 70: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
+	61, // 71: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
+	65, // 72: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
+	64, // 73: ferry.wire.v1.Content.sender_key:type_name -> ferry.wire.v1.SenderKeyDistribution
+	66, // 74: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
+	75, // [75:75] is the sub-list for method output_type
+	75, // [75:75] is the sub-list for method input_type
+	75, // [75:75] is the sub-list for extension type_name
+	75, // [75:75] is the sub-list for extension extendee
+	0,  // [0:75] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -4454,6 +5382,11 @@ func file_ferry_proto_init() {
 		(*ClientFrame_ApproveLink)(nil),
 		(*ClientFrame_RemoveDevice)(nil),
 		(*ClientFrame_SyncToDevice)(nil),
+		(*ClientFrame_GroupCreate)(nil),
+		(*ClientFrame_GroupChange)(nil),
+		(*ClientFrame_GetGroup)(nil),
+		(*ClientFrame_ListGroups)(nil),
+		(*ClientFrame_GroupSend)(nil),
 	}
 	file_ferry_proto_msgTypes[1].OneofWrappers = []any{
 		(*ServerFrame_Response)(nil),
@@ -4475,6 +5408,9 @@ func file_ferry_proto_init() {
 		(*Response_ApproveLink)(nil),
 		(*Response_RemoveDevice)(nil),
 		(*Response_SyncToDevice)(nil),
+		(*Response_Group)(nil),
+		(*Response_ListGroups)(nil),
+		(*Response_GroupSend)(nil),
 	}
 	file_ferry_proto_msgTypes[3].OneofWrappers = []any{
 		(*Event_Envelope)(nil),
@@ -4487,8 +5423,8 @@ func file_ferry_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   53,
+			NumEnums:      4,
+			NumMessages:   63,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
