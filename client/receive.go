@@ -20,6 +20,8 @@ type Event struct {
 	Receipt *wirepb.Receipt
 	// Err is why Message could not be decrypted.
 	Err error
+	// Group is a group's membership after a change (set with Message nil).
+	Group *wirepb.GroupInfo
 	// Imported counts history messages added from a chunk another device of
 	// this account sent (after linking); set with Message nil.
 	Imported int
@@ -142,6 +144,30 @@ func (c *Client) serve(ctx context.Context, conn *Conn, o ReceiveOptions) (done 
 // envelope must not be acked (local storage trouble); undecryptable
 // messages are recorded as failed and acked.
 func (c *Client) handleEnvelope(ctx context.Context, conn *Conn, env *wirepb.Envelope, handle func(Event)) error {
+	if env.Type == wirepb.EnvelopeType_GROUP_UPDATE {
+		g := env.Group
+		if g == nil {
+			return nil
+		}
+		member := false
+		for _, m := range g.Members {
+			member = member || m.Username == c.username
+		}
+		var err error
+		if member {
+			err = c.st.SaveGroup(ctx, g)
+		} else if err = c.st.DeleteGroup(ctx, g.GroupId); err == nil {
+			// Out of the group: its sender keys are of no more use.
+			err = c.dev.ForgetGroup(ctx, g.GroupId)
+		}
+		if err != nil {
+			return err
+		}
+		if handle != nil {
+			handle(Event{Group: g})
+		}
+		return nil
+	}
 	if env.Type == wirepb.EnvelopeType_RECEIPT {
 		r := env.Receipt
 		if r == nil {
@@ -171,6 +197,9 @@ func (c *Client) handleEnvelope(ctx context.Context, conn *Conn, env *wirepb.Env
 	msg, dup, err := c.dev.Receive(ctx, c.username, env)
 	if dup {
 		return nil
+	}
+	if msg != nil && msg.SenderKey {
+		return nil // a sender key for a group: stored, nothing to show
 	}
 	if msg != nil && msg.HistoryChunk {
 		if handle != nil {

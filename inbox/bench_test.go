@@ -74,3 +74,68 @@ func BenchmarkAppendSync(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkAppendGroup measures one durable group message to 2,048
+// recipient devices (1,024 accounts with 2 devices each) on the real disk:
+// the body is stored once and each device gets a small entry referring to
+// it. bytes/msg is the size of the committed batch (what goes to the WAL
+// and later the memtable); it must not grow with body size × devices. The
+// copies case is the same fan-out with one full envelope per device, as a
+// 1:1 send would store it, for comparison.
+func BenchmarkAppendGroup(b *testing.B) {
+	const devices = 2048
+	to := recipients(devices, 2)
+	for _, bc := range []struct {
+		name   string
+		body   int
+		copies bool
+	}{
+		{"body=160", 160, false},
+		{"body=16KiB", 16 << 10, false},
+		{"copies/body=160", 160, true},
+		{"copies/body=16KiB", 16 << 10, true},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			db, err := store.Open(b.TempDir(), store.Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer db.Close()
+			c := &batchBytes{}
+			s, err := New(db, Options{SweepInterval: -1, commit: c.commit})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			content := make([]byte, bc.body)
+			appendOne := func(i int) {
+				id := strconv.Itoa(i)
+				var err error
+				if bc.copies {
+					m := Send{Sender: alice1, ClientMsgID: id, Conversation: "g:" + testGroup, Entries: make([]Entry, len(to))}
+					for j, d := range to {
+						m.Entries[j] = Entry{To: d, Env: &wirepb.Envelope{Sender: "alice", SenderDevice: 1, GroupId: testGroup,
+							Type: wirepb.EnvelopeType_SENDER_KEY_MESSAGE, Content: content, ClientMsgId: id}}
+					}
+					_, err = s.Append(context.Background(), m)
+				} else {
+					m := groupSend(alice1, id, "", to...)
+					m.Body = content
+					_, err = s.AppendGroup(context.Background(), m)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+			appendOne(-1) // creates every device's meta
+			c.n.Store(0)
+			b.ResetTimer()
+			for i := range b.N {
+				appendOne(i)
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(c.n.Load())/float64(b.N), "bytes/msg")
+			b.ReportMetric(float64(c.n.Load())/float64(b.N)/devices, "bytes/device")
+		})
+	}
+}

@@ -25,7 +25,6 @@ const (
 // op is one mutation for the committer.
 type op struct {
 	ctx   context.Context
-	sync  bool                 // its commit must be synced
 	apply func(g *group) error // validates, then writes into g; runs on the committer
 	state atomic.Int32
 	err   error         // the result, set before done is closed
@@ -40,11 +39,11 @@ func (o *op) finish(err error) {
 // do runs apply on the committer and returns its result once the group it
 // joined has committed. If ctx ends or the store closes before the op is
 // applied, the op is skipped; once applied, its result is returned regardless.
-func (s *Store) do(ctx context.Context, sync bool, apply func(g *group) error) error {
+func (s *Store) do(ctx context.Context, apply func(g *group) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	o := &op{ctx: ctx, sync: sync, apply: apply, done: make(chan struct{})}
+	o := &op{ctx: ctx, apply: apply, done: make(chan struct{})}
 	select {
 	case s.ops <- o:
 	case <-ctx.Done():
@@ -129,7 +128,6 @@ func (s *Store) commitGroup(ops []*op) {
 			continue
 		}
 		o.err = o.apply(g)
-		g.sync = g.sync || (o.sync && o.err == nil)
 		applied = append(applied, o)
 	}
 	if len(applied) == 0 {
@@ -137,13 +135,12 @@ func (s *Store) commitGroup(ops []*op) {
 	}
 	g.flush()
 	if err := g.err; err == nil && !g.b.Empty() {
-		wo, hist := pebble.NoSync, s.m.commitNoSync
-		if g.sync {
-			wo, hist = pebble.Sync, s.m.commitSync
-		}
+		// Every group is synced, acks included: readers see the state after
+		// the last commit (see view.go), so nothing a reader sees may be
+		// lost in a crash.
 		start := time.Now()
-		g.err = s.o.commit(g.b, wo)
-		hist.Observe(time.Since(start).Seconds())
+		g.err = s.o.commit(g.b, pebble.Sync)
+		s.m.commitSync.Observe(time.Since(start).Seconds())
 		s.m.groupOps.Observe(float64(len(applied)))
 	}
 	if g.err != nil {
@@ -154,6 +151,7 @@ func (s *Store) commitGroup(ops []*op) {
 		}
 		return
 	}
+	s.publish()
 	g.count.report(s.m)
 	for _, o := range applied {
 		o.finish(o.err)
@@ -170,11 +168,11 @@ type group struct {
 	s      *Store
 	b      *pebble.Batch
 	now    int64 // ms; the time of every entry appended in this group (or later, per device)
-	sync   bool
 	err    error // a batch write error; it fails the whole group
 	devs   map[wire.DeviceAddr]*devState
-	seqs   map[string]*seqState
-	notify []wire.DeviceAddr // distinct devices that got entries
+	ctrs   map[string]*counter   // by key: conversation sequences and the body id counter
+	bodies map[uint64]*bodyState // shared group bodies this group touched
+	notify []wire.DeviceAddr     // distinct devices that got entries
 	count  counts
 }
 
@@ -186,26 +184,39 @@ type devState struct {
 	wiped    bool                           // DeleteDevice ran: nothing in Pebble counts
 	gone     map[uint64]bool                // entries deleted in this group
 	dedup    map[string]*storepb.SendRecord // records written (or deleted: nil) in this group, by client msg id
+	bodies   []uint64                       // bodies referred to by entries appended to it in this group
 	notified bool
 }
 
-type seqState struct {
+// counter is an 8-byte big-endian counter key (a conversation sequence or
+// the body id counter) as this group leaves it.
+type counter struct {
 	v     uint64
 	dirty bool
+}
+
+// bodyState is a shared body's reference count as this group leaves it.
+type bodyState struct {
+	refs   uint32
+	timeMs int64
+	known  bool // a refs record exists (in Pebble or written by this group)
+	dirty  bool
 }
 
 // counts are the group's metric increments, reported after a good commit.
 type counts struct {
 	appended, acked, expired, full, duplicate int
+	bodiesStored, bodiesDeleted               int
 }
 
 func (s *Store) newGroup() *group {
 	return &group{
-		s:    s,
-		b:    s.db.NewBatch(),
-		now:  s.nowMs(),
-		devs: make(map[wire.DeviceAddr]*devState),
-		seqs: make(map[string]*seqState),
+		s:      s,
+		b:      s.db.NewBatch(),
+		now:    s.nowMs(),
+		devs:   make(map[wire.DeviceAddr]*devState),
+		ctrs:   make(map[string]*counter),
+		bodies: make(map[uint64]*bodyState),
 	}
 }
 
@@ -215,7 +226,7 @@ func (g *group) dev(a wire.DeviceAddr) (*devState, error) {
 		return ds, nil
 	}
 	meta := &storepb.InboxMeta{}
-	if _, err := g.s.getProto(metaKey(a), meta); err != nil {
+	if _, err := getProto(g.s.db, metaKey(a), meta); err != nil {
 		return nil, err
 	}
 	ds := &devState{addr: a, meta: meta}
@@ -224,24 +235,68 @@ func (g *group) dev(a wire.DeviceAddr) (*devState, error) {
 }
 
 // seq returns the state of a conversation's sequence, reading it on first use.
-func (g *group) seq(conv string) (*seqState, error) {
-	if st := g.seqs[conv]; st != nil {
+func (g *group) seq(conv string) (*counter, error) { return g.counter(seqKey(conv)) }
+
+// counter returns the state of the counter at key, reading it on first use.
+func (g *group) counter(key []byte) (*counter, error) {
+	if st := g.ctrs[string(key)]; st != nil {
 		return st, nil
 	}
-	st := &seqState{}
-	v, closer, err := g.s.db.Get(seqKey(conv))
+	st := &counter{}
+	v, closer, err := g.s.db.Get(key)
 	if err != nil && !errors.Is(err, pebble.ErrNotFound) {
-		return nil, storageErr("get seq", err)
+		return nil, storageErr("get counter", err)
 	}
 	if err == nil {
 		defer closer.Close()
 		if len(v) != 8 {
-			return nil, storageErr("get seq", fmt.Errorf("value of %d bytes", len(v)))
+			return nil, storageErr("get counter", fmt.Errorf("value of %d bytes", len(v)))
 		}
 		st.v = binary.BigEndian.Uint64(v)
 	}
-	g.seqs[conv] = st
+	g.ctrs[string(key)] = st
 	return st, nil
+}
+
+// body returns the reference count of body id, reading it on first use.
+func (g *group) body(id uint64) (*bodyState, error) {
+	if st := g.bodies[id]; st != nil {
+		return st, nil
+	}
+	rec := &storepb.BodyRefs{}
+	found, err := getProto(g.s.db, bodyRefsKey(id), rec)
+	if err != nil {
+		return nil, err
+	}
+	st := &bodyState{refs: rec.Refs, timeMs: rec.ServerTimeMs, known: found}
+	g.bodies[id] = st
+	return st, nil
+}
+
+// loadBody reads the reference count of body id (0: none) so that a later
+// unref only writes. Ops call it while validating.
+func (g *group) loadBody(id uint64) error {
+	if id == 0 {
+		return nil
+	}
+	_, err := g.body(id)
+	return err
+}
+
+// unref drops one reference to body id (0: none), loaded by loadBody. At 0
+// the body goes (flush).
+func (g *group) unref(id uint64) {
+	if id == 0 {
+		return
+	}
+	st := g.bodies[id]
+	if st == nil || !st.known || st.refs == 0 {
+		// Never happens unless the store was damaged: nothing to count down.
+		g.s.o.Logger.Error("inbox: entry refers to a body without references", "body", id)
+		return
+	}
+	st.refs--
+	st.dirty = true
 }
 
 // dedupRecord returns the dedup record of ds for clientMsgID, or nil.
@@ -250,7 +305,7 @@ func (g *group) dedupRecord(ds *devState, clientMsgID string) (*storepb.SendReco
 		return rec, nil
 	}
 	rec := &storepb.SendRecord{}
-	found, err := g.s.getProto(dedupKey(ds.addr, clientMsgID), rec)
+	found, err := getProto(g.s.db, dedupKey(ds.addr, clientMsgID), rec)
 	if err != nil || !found {
 		return nil, err
 	}
@@ -275,42 +330,60 @@ func (g *group) setDedup(ds *devState, clientMsgID string, rec *storepb.SendReco
 	g.set(key, v)
 }
 
+// storedEntry is what a group knows of a present entry.
+type storedEntry struct {
+	size   int // as quotas count it (the body's size included)
+	timeMs int64
+	bodyID uint64
+}
+
 // entry reports whether entry id of ds is present as the batch leaves it,
-// and its stored size and server time. Entries appended in this same group
+// and its size, server time and body. Entries appended in this same group
 // count as absent: no client can know their id before the commit.
-func (g *group) entry(ds *devState, id uint64) (size int, timeMs int64, ok bool, err error) {
+func (g *group) entry(ds *devState, id uint64) (e storedEntry, ok bool, err error) {
 	if ds.wiped || ds.gone[id] {
-		return 0, 0, false, nil
+		return storedEntry{}, false, nil
 	}
 	v, closer, err := g.s.db.Get(entryKey(ds.addr, id))
 	if errors.Is(err, pebble.ErrNotFound) {
-		return 0, 0, false, nil
+		return storedEntry{}, false, nil
 	}
 	if err != nil {
-		return 0, 0, false, storageErr("get entry", err)
+		return storedEntry{}, false, storageErr("get entry", err)
 	}
 	defer closer.Close()
-	return len(v), envTime(v), true, nil
+	m := parseEntry(v)
+	return storedEntry{size: m.size(v), timeMs: m.timeMs, bodyID: m.bodyID}, true, nil
 }
 
 // put is one planned entry write.
 type put struct {
-	ds  *devState
-	id  uint64
-	t   int64
-	val []byte
+	ds   *devState
+	id   uint64
+	t    int64
+	val  []byte
+	size int    // as quotas count it
+	body uint64 // the shared body it refers to, or 0
 }
 
-// plan assigns ids and times to entries (marshaled as vals) without
-// changing any state. With quota, it fails with a *FullError if a device
-// would go over its quota.
-func (g *group) plan(entries []Entry, vals [][]byte, seq uint64, quota bool) ([]put, error) {
+// bodyRef names the shared body of planned entries (id 0: none).
+type bodyRef struct {
+	id   uint64
+	size uint32
+}
+
+// plan assigns ids and times to n entries (item returns the i-th one's
+// device and marshaled envelope) without changing any state. Entries refer
+// to body if its id is not 0. With quota, it fails with a *FullError if a
+// device would go over its quota.
+func (g *group) plan(n int, item func(i int) (wire.DeviceAddr, []byte), seq uint64, body bodyRef, quota bool) ([]put, error) {
 	type added struct{ n, bytes uint64 }
-	adds := make(map[*devState]*added, len(entries))
+	adds := make(map[*devState]*added, n)
 	var order []*devState
-	puts := make([]put, len(entries))
-	for i, e := range entries {
-		ds, err := g.dev(e.To)
+	puts := make([]put, n)
+	for i := range n {
+		to, base := item(i)
+		ds, err := g.dev(to)
 		if err != nil {
 			return nil, err
 		}
@@ -323,9 +396,14 @@ func (g *group) plan(entries []Entry, vals [][]byte, seq uint64, quota bool) ([]
 		a.n++
 		t := max(g.now, ds.meta.LastTimeMs)
 		id := ds.meta.LastId + a.n
-		val := withServerFields(vals[i], id, seq, t)
-		a.bytes += uint64(len(val))
-		puts[i] = put{ds: ds, id: id, t: t, val: val}
+		val := withServerFields(base, id, seq, t)
+		size := len(val)
+		if body.id != 0 {
+			val = withBodyRef(val, body.id, body.size)
+			size = len(val) + int(body.size)
+		}
+		a.bytes += uint64(size)
+		puts[i] = put{ds: ds, id: id, t: t, val: val, size: size, body: body.id}
 	}
 	if !quota {
 		return puts, nil
@@ -351,8 +429,11 @@ func (g *group) write(puts []put) {
 		m.LastId = p.id
 		m.LastTimeMs = p.t
 		m.Count++
-		m.Bytes += uint64(len(p.val))
+		m.Bytes += uint64(p.size)
 		p.ds.dirty = true
+		if p.body != 0 {
+			p.ds.bodies = append(p.ds.bodies, p.body)
+		}
 		if !p.ds.notified {
 			p.ds.notified = true
 			g.notify = append(g.notify, p.ds.addr)
@@ -361,61 +442,136 @@ func (g *group) write(puts []put) {
 	g.count.appended += len(puts)
 }
 
-// deleteEntry deletes a present entry of ds.
-func (g *group) deleteEntry(ds *devState, id uint64, size int) {
+// deleteEntry deletes a present entry of ds and drops its body reference
+// (loaded by loadBody).
+func (g *group) deleteEntry(ds *devState, id uint64, e storedEntry) {
+	g.unref(e.bodyID)
 	g.del(entryKey(ds.addr, id))
 	if ds.gone == nil {
 		ds.gone = make(map[uint64]bool)
 	}
 	ds.gone[id] = true
 	ds.meta.Count--
-	ds.meta.Bytes -= uint64(size)
+	ds.meta.Bytes -= uint64(e.size)
 	ds.dirty = true
 }
 
-// append is the op of Append.
-func (g *group) append(m *Send, vals [][]byte) (Accepted, error) {
-	var sender *devState
-	if m.ClientMsgID != "" {
-		var err error
-		if sender, err = g.dev(m.Sender); err != nil {
-			return Accepted{}, err
-		}
-		rec, err := g.dedupRecord(sender, m.ClientMsgID)
-		if err != nil {
-			return Accepted{}, err
-		}
-		if rec != nil && !g.s.expired(rec.ServerTimeMs, g.now) {
-			g.count.duplicate++
-			return duplicateOf(rec), nil
-		}
+// checkDup returns the sender's state for a send with a client message id
+// ("" : none) and, if that id was accepted before, the original result.
+func (g *group) checkDup(sender wire.DeviceAddr, clientMsgID string) (*devState, *Accepted, error) {
+	if clientMsgID == "" {
+		return nil, nil, nil
 	}
-	var conv *seqState
-	var seq uint64
-	if m.Conversation != "" {
-		var err error
-		if conv, err = g.seq(m.Conversation); err != nil {
-			return Accepted{}, err
-		}
-		seq = conv.v + 1
-	}
-	puts, err := g.plan(m.Entries, vals, seq, true)
+	ds, err := g.dev(sender)
 	if err != nil {
-		var full *FullError
-		if errors.As(err, &full) {
-			g.count.full++
-		}
-		return Accepted{}, err
+		return nil, nil, err
 	}
-	// Validated: from here on the op only writes.
-	g.write(puts)
+	rec, err := g.dedupRecord(ds, clientMsgID)
+	if err != nil {
+		return nil, nil, err
+	}
+	if rec != nil && !g.s.expired(rec.ServerTimeMs, g.now) {
+		g.count.duplicate++
+		acc := duplicateOf(rec)
+		return ds, &acc, nil
+	}
+	return ds, nil, nil
+}
+
+// nextSeq returns a conversation's counter ("": none) and its next value.
+func (g *group) nextSeq(conversation string) (*counter, uint64, error) {
+	if conversation == "" {
+		return nil, 0, nil
+	}
+	conv, err := g.seq(conversation)
+	if err != nil {
+		return nil, 0, err
+	}
+	return conv, conv.v + 1, nil
+}
+
+// planned counts a rejected plan in the metrics and passes it on.
+func (g *group) planned(puts []put, err error) ([]put, error) {
+	var full *FullError
+	if errors.As(err, &full) {
+		g.count.full++
+	}
+	return puts, err
+}
+
+// accept writes the sequence and dedup record of an accepted send.
+func (g *group) accept(conv *counter, seq uint64, sender *devState, clientMsgID string) Accepted {
 	if conv != nil {
 		conv.v, conv.dirty = seq, true
 	}
 	if sender != nil {
-		g.setDedup(sender, m.ClientMsgID, &storepb.SendRecord{Seq: seq, ServerTimeMs: g.now})
+		g.setDedup(sender, clientMsgID, &storepb.SendRecord{Seq: seq, ServerTimeMs: g.now})
 	}
-	return Accepted{Seq: seq, ServerTime: time.UnixMilli(g.now)}, nil
+	return Accepted{Seq: seq, ServerTime: time.UnixMilli(g.now)}
+}
+
+// append is the op of Append.
+func (g *group) append(m *Send, vals [][]byte) (Accepted, error) {
+	sender, dup, err := g.checkDup(m.Sender, m.ClientMsgID)
+	if err != nil || dup != nil {
+		return derefAcc(dup), err
+	}
+	conv, seq, err := g.nextSeq(m.Conversation)
+	if err != nil {
+		return Accepted{}, err
+	}
+	puts, err := g.planned(g.plan(len(m.Entries), func(i int) (wire.DeviceAddr, []byte) {
+		return m.Entries[i].To, vals[i]
+	}, seq, bodyRef{}, true))
+	if err != nil {
+		return Accepted{}, err
+	}
+	// Validated: from here on the op only writes.
+	g.write(puts)
+	return g.accept(conv, seq, sender, m.ClientMsgID), nil
+}
+
+// appendGroup is the op of AppendGroup: body is the marshaled envelope
+// every entry refers to.
+func (g *group) appendGroup(m *GroupAppend, body []byte) (Accepted, error) {
+	sender, dup, err := g.checkDup(m.Sender, m.ClientMsgID)
+	if err != nil || dup != nil {
+		return derefAcc(dup), err
+	}
+	conv, seq, err := g.nextSeq(m.Conversation)
+	if err != nil {
+		return Accepted{}, err
+	}
+	var ref bodyRef
+	var ctr *counter
+	if len(m.Recipients) > 0 {
+		if ctr, err = g.counter(bodyCounterKey); err != nil {
+			return Accepted{}, err
+		}
+		ref = bodyRef{id: ctr.v + 1, size: uint32(len(body))}
+	}
+	puts, err := g.planned(g.plan(len(m.Recipients), func(i int) (wire.DeviceAddr, []byte) {
+		return m.Recipients[i], nil
+	}, seq, ref, !m.NoQuota))
+	if err != nil {
+		return Accepted{}, err
+	}
+	// Validated: from here on the op only writes.
+	if ref.id != 0 {
+		ctr.v, ctr.dirty = ref.id, true
+		g.set(bodyKey(ref.id), body)
+		g.bodies[ref.id] = &bodyState{refs: uint32(len(puts)), timeMs: g.now, known: true, dirty: true}
+		g.count.bodiesStored++
+	}
+	g.write(puts)
+	return g.accept(conv, seq, sender, m.ClientMsgID), nil
+}
+
+func derefAcc(a *Accepted) Accepted {
+	if a == nil {
+		return Accepted{}
+	}
+	return *a
 }
 
 // ack is the op of Ack.
@@ -425,7 +581,7 @@ func (g *group) ack(dev wire.DeviceAddr, ids []uint64, follow map[uint64][]Entry
 		return nil, err
 	}
 	var deleted []uint64
-	var sizes []int
+	var stored []storedEntry
 	var fe []Entry
 	var fv [][]byte
 	seen := make(map[uint64]bool, len(ids))
@@ -434,37 +590,81 @@ func (g *group) ack(dev wire.DeviceAddr, ids []uint64, follow map[uint64][]Entry
 			continue
 		}
 		seen[id] = true
-		size, _, ok, err := g.entry(ds, id)
+		e, ok, err := g.entry(ds, id)
 		if err != nil {
 			return nil, err
 		}
 		if !ok {
 			continue
 		}
+		if err := g.loadBody(e.bodyID); err != nil {
+			return nil, err
+		}
 		deleted = append(deleted, id)
-		sizes = append(sizes, size)
+		stored = append(stored, e)
 		fe = append(fe, follow[id]...)
 		fv = append(fv, vals[id]...)
 	}
-	puts, err := g.plan(fe, fv, 0, false)
+	puts, err := g.plan(len(fe), func(i int) (wire.DeviceAddr, []byte) { return fe[i].To, fv[i] }, 0, bodyRef{}, false)
 	if err != nil {
 		return nil, err
 	}
 	// Validated: from here on the op only writes.
 	for i, id := range deleted {
-		g.deleteEntry(ds, id, sizes[i])
+		g.deleteEntry(ds, id, stored[i])
 	}
 	g.write(puts)
 	g.count.acked += len(deleted)
 	return deleted, nil
 }
 
-// deleteDevice is the op of DeleteDevice.
+// deleteDevice is the op of DeleteDevice. Entries that refer to a shared
+// body drop their reference, so it reads every entry of the device (on the
+// committer: O(entries of the device), a rare operation).
 func (g *group) deleteDevice(dev wire.DeviceAddr) error {
+	ds := g.devs[dev]
+	var refs []uint64
+	if ds != nil {
+		refs = append(refs, ds.bodies...) // appended in this group: not in Pebble yet
+	}
+	if ds == nil || !ds.wiped {
+		p := devPrefix(prefixInbox, dev)
+		it, err := g.s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: prefixEnd(p)})
+		if err != nil {
+			return storageErr("delete device", err)
+		}
+		for ok := it.First(); ok; ok = it.Next() {
+			if ds != nil && ds.gone[entryID(it.Key())] {
+				continue // deleted (and unreferenced) earlier in this group
+			}
+			v, err := it.ValueAndErr()
+			if err != nil {
+				break
+			}
+			if id := parseEntry(v).bodyID; id != 0 {
+				refs = append(refs, id)
+			}
+		}
+		err = it.Error()
+		if cerr := it.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return storageErr("delete device", err)
+		}
+	}
+	for _, id := range refs {
+		if err := g.loadBody(id); err != nil {
+			return err
+		}
+	}
+	// Validated: from here on the op only writes.
+	for _, id := range refs {
+		g.unref(id)
+	}
 	g.deleteRange(devPrefix(prefixInbox, dev))
 	g.deleteRange(devPrefix(prefixDedup, dev))
 	g.del(metaKey(dev))
-	ds := g.devs[dev]
 	notified := ds != nil && ds.notified
 	g.devs[dev] = &devState{addr: dev, meta: &storepb.InboxMeta{}, wiped: true, notified: notified}
 	return nil
@@ -474,22 +674,25 @@ func (g *group) deleteDevice(dev wire.DeviceAddr) error {
 // dedup records that are still present and still expired at the group's time.
 func (g *group) expire(c *expireChunk) (int, error) {
 	type del struct {
-		ds   *devState
-		id   uint64
-		size int
+		ds *devState
+		id uint64
+		e  storedEntry
 	}
 	var dels []del
-	for _, e := range c.entries {
-		ds, err := g.dev(e.dev)
+	for _, ref := range c.entries {
+		ds, err := g.dev(ref.dev)
 		if err != nil {
 			return 0, err
 		}
-		size, t, ok, err := g.entry(ds, e.id)
+		e, ok, err := g.entry(ds, ref.id)
 		if err != nil {
 			return 0, err
 		}
-		if ok && g.s.expired(t, g.now) {
-			dels = append(dels, del{ds, e.id, size})
+		if ok && g.s.expired(e.timeMs, g.now) {
+			if err := g.loadBody(e.bodyID); err != nil {
+				return 0, err
+			}
+			dels = append(dels, del{ds, ref.id, e})
 		}
 	}
 	type dedupDel struct {
@@ -514,7 +717,7 @@ func (g *group) expire(c *expireChunk) (int, error) {
 	n := 0
 	for _, d := range dels {
 		if !d.ds.gone[d.id] { // listed twice
-			g.deleteEntry(d.ds, d.id, d.size)
+			g.deleteEntry(d.ds, d.id, d.e)
 			n++
 		}
 	}
@@ -525,7 +728,8 @@ func (g *group) expire(c *expireChunk) (int, error) {
 	return n, nil
 }
 
-// flush writes the metas and sequences the group changed.
+// flush writes the metas, counters and body reference counts the group
+// changed, and deletes the bodies nothing refers to any more.
 func (g *group) flush() {
 	for _, ds := range g.devs {
 		if !ds.dirty {
@@ -538,10 +742,27 @@ func (g *group) flush() {
 		}
 		g.set(metaKey(ds.addr), v)
 	}
-	for conv, st := range g.seqs {
+	for key, st := range g.ctrs {
 		if st.dirty {
-			g.set(seqKey(conv), binary.BigEndian.AppendUint64(nil, st.v))
+			g.set([]byte(key), binary.BigEndian.AppendUint64(nil, st.v))
 		}
+	}
+	for id, st := range g.bodies {
+		if !st.dirty {
+			continue
+		}
+		if st.refs == 0 {
+			g.del(bodyKey(id))
+			g.del(bodyRefsKey(id))
+			g.count.bodiesDeleted++
+			continue
+		}
+		v, err := proto.Marshal(&storepb.BodyRefs{Refs: st.refs, ServerTimeMs: st.timeMs})
+		if err != nil {
+			g.fail(err)
+			return
+		}
+		g.set(bodyRefsKey(id), v)
 	}
 }
 
@@ -563,4 +784,6 @@ func (c counts) report(m *metrics) {
 	m.expired.Add(float64(c.expired))
 	m.rejectedFull.Add(float64(c.full))
 	m.rejectedDup.Add(float64(c.duplicate))
+	m.bodiesStored.Add(float64(c.bodiesStored))
+	m.bodiesDeleted.Add(float64(c.bodiesDeleted))
 }

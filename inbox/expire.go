@@ -156,7 +156,7 @@ func (sw *sweep) flush() error {
 	}
 	sw.chunk = &expireChunk{}
 	var n int
-	err := sw.s.do(sw.ctx, false, func(g *group) (err error) {
+	err := sw.s.do(sw.ctx, func(g *group) (err error) {
 		n, err = g.expire(c)
 		return err
 	})

@@ -19,6 +19,20 @@
 //	'm' username 0x00 device(4)                  storepb.InboxMeta
 //	'q' conversation                             sequence, 8 bytes big-endian
 //	'd' username 0x00 device(4) client_msg_id    storepb.SendRecord (sender's dedup)
+//	'c'                                          last body id, 8 bytes big-endian
+//	'c' body_id(8) 'b'                           shared envelope (without id, seq, time)
+//	'c' body_id(8) 'r'                           storepb.BodyRefs (entries referring to the body)
+//
+// Group messages (AppendGroup) store their envelope once: the body (the
+// envelope but its id, seq and time: content, or the GroupInfo of a
+// GROUP_UPDATE, sender, group id, ...) goes under a 'c' key with a
+// reference count, and each recipient device's entry holds only its id, seq
+// and time plus a storepb.EntryBodyRef. So the bytes written per group
+// message grow with the number of devices and with the body size, never
+// with their product. Deleting an entry (ack, expiry, DeleteDevice) drops
+// its reference in the same batch; the body goes with its last reference.
+// Range and Get put the body back, so devices see whole envelopes. Quotas
+// count an entry's body in each device's bytes (what it would download).
 //
 // Nothing is cached across commit groups: every op reads Pebble, overlaid
 // with what earlier ops of its own group changed, so a failed commit leaves
@@ -33,6 +47,7 @@ import (
 	"math"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -83,7 +98,8 @@ type Options struct {
 	TTL time.Duration
 	// MaxDepth is the most entries one device's inbox holds; 0 means 100000.
 	MaxDepth int
-	// MaxBytes is the most stored bytes (envelope sizes) per device; 0 means 256 MiB.
+	// MaxBytes is the most bytes per device (entry sizes; an entry referring
+	// to a shared group body counts the body too); 0 means 256 MiB.
 	MaxBytes int64
 	// MaxGroup is the most ops the committer puts into one batch; 0 means 1024.
 	MaxGroup int
@@ -150,6 +166,8 @@ type Store struct {
 	m     *metrics
 	ops   chan *op // to the committer
 
+	cur atomic.Pointer[view] // what readers see: the state after the last (synced) commit
+
 	// shutdown
 	quit      chan struct{} // closed by Close
 	stopped   chan struct{} // closed when the committer has exited
@@ -182,6 +200,7 @@ func New(db *pebble.DB, o Options) (*Store, error) {
 		sweepDone: make(chan struct{}),
 		stopSweep: cancel,
 	}
+	s.publish()
 	go s.run()
 	go s.sweep(ctx)
 	return s, nil
@@ -197,6 +216,9 @@ func (s *Store) Close() error {
 	})
 	<-s.stopped
 	<-s.sweepDone
+	if v := s.cur.Swap(nil); v != nil {
+		v.release()
+	}
 	return nil
 }
 
@@ -217,6 +239,29 @@ type Send struct {
 	Entries      []Entry
 }
 
+// GroupAppend is one group message (or server-made group update) for many
+// devices, with its shared part stored once.
+type GroupAppend struct {
+	Sender       wire.DeviceAddr
+	ClientMsgID  string // "" means no dedup (server-made updates)
+	Conversation string // the group's sequence counter ("g:" + group id); "" means no sequence
+	// Env is the envelope every recipient gets (Sender, SenderDevice,
+	// GroupId, Type, ClientMsgId, and Group for an update); Id, Seq and
+	// ServerTimeMs are the store's. It is stored once, as the shared body,
+	// and each entry holds only its own id, seq and time and a reference.
+	Env *wirepb.Envelope
+	// Body is the content (the sender-key ciphertext); it overrides
+	// Env.Content.
+	Body []byte
+	// Recipients get one entry each, in this order (duplicates get two).
+	// None is allowed: the send then only takes a sequence number and a
+	// dedup record.
+	Recipients []wire.DeviceAddr
+	// NoQuota skips the quota checks (server-made updates, like receipts:
+	// a membership change must reach everyone).
+	NoQuota bool
+}
+
 // Accepted is the result of a committed (or duplicate) send.
 type Accepted struct {
 	Seq        uint64    // conversation sequence number, 0 without a conversation
@@ -228,7 +273,7 @@ type Accepted struct {
 type Item struct {
 	ID   uint64
 	Env  *wirepb.Envelope
-	Size int // stored bytes
+	Size int // stored bytes, plus the shared body's for a group entry
 }
 
 // Append stores every entry of m in one synced commit and returns once it
@@ -246,8 +291,41 @@ func (s *Store) Append(ctx context.Context, m Send) (Accepted, error) {
 		return Accepted{}, err
 	}
 	var acc Accepted
-	err = s.do(ctx, true, func(g *group) (err error) {
+	err = s.do(ctx, func(g *group) (err error) {
 		acc, err = g.append(&m, vals)
+		return err
+	})
+	if err != nil {
+		return Accepted{}, err
+	}
+	return acc, nil
+}
+
+// AppendGroup stores one group message for every recipient device in one
+// synced commit, like Append: dedup of (m.Sender, m.ClientMsgID), the
+// sequence of m.Conversation, quota checks for every recipient (a
+// *FullError stores nothing), then the shared body once and one small entry
+// per recipient referring to it. m must not change until it returns.
+func (s *Store) AppendGroup(ctx context.Context, m GroupAppend) (Accepted, error) {
+	if m.Env == nil {
+		return Accepted{}, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: group send has no envelope")
+	}
+	shared := proto.CloneOf(m.Env)
+	if m.Body != nil {
+		shared.Content = m.Body
+	}
+	shared.Id, shared.Seq, shared.ServerTimeMs = 0, 0, 0 // per entry
+	shared.ProtoReflect().SetUnknown(nil)
+	body, err := proto.Marshal(shared)
+	if err != nil {
+		return Accepted{}, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: group body does not encode")
+	}
+	if len(body) > math.MaxUint32 {
+		return Accepted{}, wire.Errorf(wirepb.ErrorCode_MESSAGE_TOO_LARGE, "inbox: group body of %d bytes", len(body))
+	}
+	var acc Accepted
+	err = s.do(ctx, func(g *group) (err error) {
+		acc, err = g.appendGroup(&m, body)
 		return err
 	})
 	if err != nil {
@@ -273,7 +351,7 @@ func (s *Store) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, foll
 		vals[id] = v
 	}
 	var deleted []uint64
-	err := s.do(ctx, false, func(g *group) (err error) {
+	err := s.do(ctx, func(g *group) (err error) {
 		deleted, err = g.ack(dev, ids, follow, vals)
 		return err
 	})
@@ -287,7 +365,7 @@ func (s *Store) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, foll
 // in one synced commit. A later Append to dev starts again at id 1, so the
 // caller must not reuse a deleted device's id (the account layer never does).
 func (s *Store) DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error {
-	return s.do(ctx, true, func(g *group) error { return g.deleteDevice(dev) })
+	return s.do(ctx, func(g *group) error { return g.deleteDevice(dev) })
 }
 
 // Lookup reports the original result of the send (sender, clientMsgID), if
@@ -297,8 +375,10 @@ func (s *Store) Lookup(ctx context.Context, sender wire.DeviceAddr, clientMsgID 
 	if err := s.readable(ctx); err != nil {
 		return Accepted{}, false, err
 	}
+	v := s.acquire()
+	defer v.release()
 	rec := &storepb.SendRecord{}
-	found, err := s.getProto(dedupKey(sender, clientMsgID), rec)
+	found, err := getProto(v.snap, dedupKey(sender, clientMsgID), rec)
 	if err != nil || !found || s.expired(rec.ServerTimeMs, s.nowMs()) {
 		return Accepted{}, false, err
 	}
@@ -314,7 +394,9 @@ func (s *Store) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, li
 	if limit <= 0 || after == math.MaxUint64 {
 		return nil, nil
 	}
-	it, err := s.db.NewIter(&pebble.IterOptions{
+	v := s.acquire()
+	defer v.release()
+	it, err := v.snap.NewIter(&pebble.IterOptions{
 		LowerBound: entryKey(dev, after+1),
 		UpperBound: prefixEnd(devPrefix(prefixInbox, dev)),
 	})
@@ -325,18 +407,23 @@ func (s *Store) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, li
 	now := s.nowMs()
 	var items []Item
 	for ok := it.First(); ok && len(items) < limit; ok = it.Next() {
-		v, err := it.ValueAndErr()
+		val, err := it.ValueAndErr()
 		if err != nil {
 			return nil, storageErr("range", err)
 		}
-		if s.expired(envTime(v), now) {
+		em := parseEntry(val)
+		if s.expired(em.timeMs, now) {
 			continue
 		}
-		env := &wirepb.Envelope{}
-		if err := proto.Unmarshal(v, env); err != nil {
-			return nil, storageErr("range: decode", err)
+		id := entryID(it.Key())
+		env, err := s.decodeEntry(v.snap, dev, id, val, em)
+		if errors.Is(err, ErrNotFound) {
+			continue // acked or expired since the iterator opened
 		}
-		items = append(items, Item{ID: entryID(it.Key()), Env: env, Size: len(v)})
+		if err != nil {
+			return nil, err
+		}
+		items = append(items, Item{ID: id, Env: env, Size: em.size(val)})
 	}
 	if err := it.Error(); err != nil {
 		return nil, storageErr("range", err)
@@ -349,13 +436,54 @@ func (s *Store) Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (*wirep
 	if err := s.readable(ctx); err != nil {
 		return nil, err
 	}
-	env := &wirepb.Envelope{}
-	found, err := s.getProto(entryKey(dev, id), env)
-	if err != nil {
-		return nil, err
-	}
-	if !found || s.expired(env.ServerTimeMs, s.nowMs()) {
+	view := s.acquire()
+	defer view.release()
+	v, closer, err := view.snap.Get(entryKey(dev, id))
+	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, ErrNotFound
+	}
+	if err != nil {
+		return nil, storageErr("get", err)
+	}
+	defer closer.Close()
+	em := parseEntry(v)
+	if s.expired(em.timeMs, s.nowMs()) {
+		return nil, ErrNotFound
+	}
+	return s.decodeEntry(view.snap, dev, id, v, em)
+}
+
+// decodeEntry decodes a stored entry and puts its shared body back. If the
+// body is gone because the entry was deleted meanwhile (Range and Get read
+// without the committer), it returns ErrNotFound.
+func (s *Store) decodeEntry(r pebble.Reader, dev wire.DeviceAddr, id uint64, v []byte, em entryMeta) (*wirepb.Envelope, error) {
+	env := &wirepb.Envelope{}
+	if err := proto.Unmarshal(v, env); err != nil {
+		return nil, storageErr("decode entry", err)
+	}
+	if em.bodyID == 0 {
+		return env, nil
+	}
+	env.ProtoReflect().SetUnknown(nil) // the EntryBodyRef is the store's, not the device's
+	body, closer, err := r.Get(bodyKey(em.bodyID))
+	if errors.Is(err, pebble.ErrNotFound) {
+		if _, c2, err2 := r.Get(entryKey(dev, id)); errors.Is(err2, pebble.ErrNotFound) {
+			return nil, ErrNotFound
+		} else if err2 == nil {
+			c2.Close()
+		}
+		// Only a damaged store gets here. The envelope goes out without its
+		// shared part, so the device can drop and ack it instead of
+		// stalling its inbox on an entry that can never be read.
+		s.o.Logger.Error("inbox: entry refers to a missing body", "device", dev.String(), "id", id, "body", em.bodyID)
+		return env, nil
+	}
+	if err != nil {
+		return nil, storageErr("get body", err)
+	}
+	defer closer.Close()
+	if err := (proto.UnmarshalOptions{Merge: true}).Unmarshal(body, env); err != nil {
+		return nil, storageErr("decode body", err)
 	}
 	return env, nil
 }
@@ -366,8 +494,10 @@ func (s *Store) Depth(ctx context.Context, dev wire.DeviceAddr) (count uint64, b
 	if err := s.readable(ctx); err != nil {
 		return 0, 0, err
 	}
+	v := s.acquire()
+	defer v.release()
 	meta := &storepb.InboxMeta{}
-	if _, err := s.getProto(metaKey(dev), meta); err != nil {
+	if _, err := getProto(v.snap, metaKey(dev), meta); err != nil {
 		return 0, 0, err
 	}
 	return meta.Count, meta.Bytes, nil
@@ -387,8 +517,8 @@ func (s *Store) readable(ctx context.Context) error {
 }
 
 // getProto reads key into m; found is false if the key is absent.
-func (s *Store) getProto(key []byte, m proto.Message) (found bool, err error) {
-	v, closer, err := s.db.Get(key)
+func getProto(r pebble.Reader, key []byte, m proto.Message) (found bool, err error) {
+	v, closer, err := r.Get(key)
 	if errors.Is(err, pebble.ErrNotFound) {
 		return false, nil
 	}
@@ -424,7 +554,13 @@ func marshalEntries(es []Entry) ([][]byte, error) {
 		if e.Env == nil {
 			return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: entry %d for %s has no envelope", i, e.To)
 		}
-		v, err := proto.Marshal(e.Env)
+		env := e.Env
+		if len(env.ProtoReflect().GetUnknown()) > 0 {
+			// Unknown fields could pose as the store's own (EntryBodyRef).
+			env = proto.CloneOf(env)
+			env.ProtoReflect().SetUnknown(nil)
+		}
+		v, err := proto.Marshal(env)
 		if err != nil {
 			return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: entry %d for %s does not encode", i, e.To)
 		}

@@ -15,8 +15,27 @@ const (
 	prefixMeta   = store.PrefixInboxMeta
 	prefixSeq    = store.PrefixConvSeq
 	prefixDedup  = store.PrefixDedup
+	prefixBody   = store.PrefixGroupBody
 	entryIDBytes = 8
 )
+
+// Field numbers of storepb.EntryBodyRef, appended to an entry's envelope
+// when it refers to a shared body (reserved in wirepb.Envelope).
+const (
+	fieldBodyID   = 1000
+	fieldBodySize = 1001
+)
+
+// bodyCounterKey holds the last body id assigned.
+var bodyCounterKey = []byte{prefixBody}
+
+func bodyKey(id uint64) []byte {
+	return append(binary.BigEndian.AppendUint64([]byte{prefixBody}, id), 'b')
+}
+
+func bodyRefsKey(id uint64) []byte {
+	return append(binary.BigEndian.AppendUint64([]byte{prefixBody}, id), 'r')
+}
 
 // devPrefix returns prefix username 0x00 device(4).
 func devPrefix(prefix byte, dev wire.DeviceAddr) []byte {
@@ -81,28 +100,58 @@ func withServerFields(base []byte, id, seq uint64, timeMs int64) []byte {
 	return protowire.AppendVarint(v, uint64(timeMs))
 }
 
-// envTime returns ServerTimeMs of a marshaled envelope without decoding the
-// rest (0 if it is malformed or unset).
-func envTime(v []byte) int64 {
-	var t int64
+// withBodyRef appends a storepb.EntryBodyRef to a marshaled envelope.
+func withBodyRef(v []byte, id uint64, size uint32) []byte {
+	v = protowire.AppendTag(v, fieldBodyID, protowire.VarintType)
+	v = protowire.AppendVarint(v, id)
+	v = protowire.AppendTag(v, fieldBodySize, protowire.VarintType)
+	return protowire.AppendVarint(v, uint64(size))
+}
+
+// entryMeta is what the store reads of a stored entry without decoding it.
+type entryMeta struct {
+	timeMs   int64  // ServerTimeMs
+	bodyID   uint64 // 0: no shared body
+	bodySize uint32
+}
+
+// parseEntry reads ServerTimeMs and the body reference of a stored entry
+// without decoding the rest (zero values if it is malformed or unset).
+func parseEntry(v []byte) entryMeta {
+	var e entryMeta
 	for len(v) > 0 {
 		num, typ, n := protowire.ConsumeTag(v)
 		if n < 0 {
-			return 0
+			return entryMeta{}
 		}
 		v = v[n:]
-		if num == 6 && typ == protowire.VarintType {
+		if typ == protowire.VarintType && (num == 6 || num == fieldBodyID || num == fieldBodySize) {
 			x, m := protowire.ConsumeVarint(v)
 			if m < 0 {
-				return 0
+				return entryMeta{}
 			}
-			t = int64(x)
+			switch num {
+			case 6:
+				e.timeMs = int64(x)
+			case fieldBodyID:
+				e.bodyID = x
+			case fieldBodySize:
+				e.bodySize = uint32(x)
+			}
 		}
 		m := protowire.ConsumeFieldValue(num, typ, v)
 		if m < 0 {
-			return 0
+			return entryMeta{}
 		}
 		v = v[m:]
 	}
-	return t
+	return e
 }
+
+// envTime returns ServerTimeMs of a marshaled envelope without decoding the
+// rest (0 if it is malformed or unset).
+func envTime(v []byte) int64 { return parseEntry(v).timeMs }
+
+// size is the entry's size as quotas count it: its stored bytes plus the
+// size of the body it refers to.
+func (e entryMeta) size(v []byte) int { return len(v) + int(e.bodySize) }

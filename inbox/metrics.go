@@ -15,9 +15,11 @@ type metrics struct {
 	acked         prometheus.Counter
 	expired       prometheus.Counter
 	rejected      *prometheus.CounterVec // label reason: "inbox_full" | "duplicate"
+	bodiesStored  prometheus.Counter
+	bodiesDeleted prometheus.Counter
 
 	// children of the vectors, resolved once
-	commitSync, commitNoSync  prometheus.Observer
+	commitSync                prometheus.Observer
 	rejectedFull, rejectedDup prometheus.Counter
 }
 
@@ -50,16 +52,23 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: ns, Subsystem: sub, Name: "rejected_sends_total",
 			Help: "Appends that stored nothing, by reason.",
 		}, []string{"reason"}),
+		bodiesStored: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "group_bodies_stored_total",
+			Help: "Shared group envelope bodies stored (one per group message or membership update).",
+		}),
+		bodiesDeleted: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "group_bodies_deleted_total",
+			Help: "Shared group envelope bodies deleted after their last reference went (stored minus deleted is what is held).",
+		}),
 	}
 	m.commitSync = m.commitSeconds.WithLabelValues("true")
-	m.commitNoSync = m.commitSeconds.WithLabelValues("false")
 	m.rejectedFull = m.rejected.WithLabelValues("inbox_full")
 	m.rejectedDup = m.rejected.WithLabelValues("duplicate")
 	if reg == nil {
 		return m, nil
 	}
 	var errs []error
-	for _, c := range []prometheus.Collector{m.groupOps, m.commitSeconds, m.appended, m.acked, m.expired, m.rejected} {
+	for _, c := range []prometheus.Collector{m.groupOps, m.commitSeconds, m.appended, m.acked, m.expired, m.rejected, m.bodiesStored, m.bodiesDeleted} {
 		errs = append(errs, reg.Register(c))
 	}
 	return m, errors.Join(errs...)

@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 
+	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
@@ -33,6 +34,7 @@ type Prekeys interface {
 // Inbox is what the relay needs of the inbox store.
 type Inbox interface {
 	Append(ctx context.Context, m inbox.Send) (inbox.Accepted, error)
+	AppendGroup(ctx context.Context, m inbox.GroupAppend) (inbox.Accepted, error)
 	Lookup(ctx context.Context, sender wire.DeviceAddr, clientMsgID string) (inbox.Accepted, bool, error)
 	Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]inbox.Item, error)
 	Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (*wirepb.Envelope, error)
@@ -40,9 +42,18 @@ type Inbox interface {
 	DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error
 }
 
+// Groups is what the relay needs of the group membership store.
+type Groups interface {
+	Create(ctx context.Context, creator, name string, members []string) (*storepb.Group, error)
+	Get(ctx context.Context, id string) (*storepb.Group, error)
+	Change(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string) (group.Change, error)
+	ListFor(ctx context.Context, username string) ([]*storepb.Group, error)
+}
+
 // Deps are the stores the relay serves from.
 type Deps struct {
 	Accounts Accounts
 	Prekeys  Prekeys
 	Inbox    Inbox
+	Groups   Groups
 }

@@ -242,15 +242,24 @@ func (c *conn) removeDevice(ctx context.Context, m *wirepb.RemoveDevice) (*wirep
 	return &wirepb.RemoveDeviceResult{}, nil
 }
 
-// ---------------------------------------------------------------- sync to own device
+// ---------------------------------------------------------------- sync to one device
 
+// syncToDevice puts one ciphertext in the inbox of one other device: of the
+// sender's own account (username "" or the sender's: history for a new
+// device), or of another account (pairwise sender-key distribution). It has
+// no conversation sequence and makes no receipt.
 func (c *conn) syncToDevice(ctx context.Context, m *wirepb.SyncToDevice) (*wirepb.SendResult, error) {
 	cfg := &c.s.cfg
+	account := m.Username
+	if account == "" {
+		account = c.addr.Account
+	}
+	to := wire.DeviceAddr{Account: account, Device: m.DeviceId}
 	switch {
 	case !wire.ValidClientMsgID(m.ClientMsgId):
 		return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: client_msg_id must be 1..64 printable ASCII bytes")
-	case m.DeviceId == 0 || m.DeviceId == c.addr.Device:
-		return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: sync goes to another device of this account")
+	case m.DeviceId == 0 || to == c.addr:
+		return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: sync goes to another device")
 	case len(m.Content) == 0:
 		return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: empty ciphertext")
 	case len(m.Content) > cfg.MaxMessageBytes:
@@ -265,19 +274,18 @@ func (c *conn) syncToDevice(ctx context.Context, m *wirepb.SyncToDevice) (*wirep
 	} else if ok {
 		return &wirepb.SendResult{Seq: prev.Seq, ServerTimeMs: prev.ServerTime.UnixMilli(), Duplicate: true}, nil
 	}
-	to := wire.DeviceAddr{Account: c.addr.Account, Device: m.DeviceId}
 	d, err := deps.Accounts.Device(ctx, to)
 	if err != nil {
 		return nil, err
 	}
 	if d.RegistrationId != m.RegistrationId {
-		e := wire.Errorf(wirepb.ErrorCode_DEVICE_MISMATCH, "relay: device %d has another registration id", m.DeviceId)
+		e := wire.Errorf(wirepb.ErrorCode_DEVICE_MISMATCH, "relay: device %s has another registration id", to)
 		e.Mismatch = &wirepb.DeviceMismatch{Stale: []*wirepb.DeviceRef{to.Ref()}}
 		return nil, e
 	}
 	acc, err := deps.Inbox.Append(ctx, inbox.Send{Sender: c.addr, ClientMsgID: m.ClientMsgId, Entries: []inbox.Entry{{
 		To: to,
-		Env: &wirepb.Envelope{Sender: c.addr.Account, SenderDevice: c.addr.Device, To: c.addr.Account,
+		Env: &wirepb.Envelope{Sender: c.addr.Account, SenderDevice: c.addr.Device, To: account,
 			Type: m.Type, Content: m.Content, ClientMsgId: m.ClientMsgId},
 	}}})
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/ferryhq/ferry/client"
 	"github.com/ferryhq/ferry/device"
 	"github.com/ferryhq/ferry/device/devicelist"
+	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/keys"
 	"github.com/ferryhq/ferry/store"
@@ -32,9 +33,16 @@ type denv struct {
 	db       *pebble.DB
 	accounts *device.Store
 	keys     *keys.Store
+	groups   *group.Store
 }
 
 func newDevEnv(t *testing.T, cfg Config, do device.Options) *denv {
+	t.Helper()
+	return newGroupEnv(t, cfg, do, group.Options{})
+}
+
+// newGroupEnv is newDevEnv with group store options.
+func newGroupEnv(t *testing.T, cfg Config, do device.Options, gro group.Options) *denv {
 	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -49,7 +57,8 @@ func newDevEnv(t *testing.T, cfg Config, do device.Options) *denv {
 		t.Fatal(err)
 	}
 	accts, ks := device.New(db, do), keys.New(db, keys.Options{})
-	srv = New(cfg, Deps{Accounts: accts, Prekeys: ks, Inbox: ib})
+	groups := group.New(db, accts, gro)
+	srv = New(cfg, Deps{Accounts: accts, Prekeys: ks, Inbox: ib, Groups: groups})
 	hs := httptest.NewServer(srv.Handler())
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -59,7 +68,7 @@ func newDevEnv(t *testing.T, cfg Config, do device.Options) *denv {
 		ib.Close()
 		db.Close()
 	})
-	return &denv{env: &env{t: t, srv: srv, http: hs, inbox: ib}, db: db, accounts: accts, keys: ks}
+	return &denv{env: &env{t: t, srv: srv, http: hs, inbox: ib}, db: db, accounts: accts, keys: ks, groups: groups}
 }
 
 // mdev is one device of an account, with its keys.

@@ -205,6 +205,38 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 		if r, err = c.syncToDevice(ctx, b.SyncToDevice); err == nil {
 			res = &wirepb.Response{Result: &wirepb.Response_SyncToDevice{SyncToDevice: r}}
 		}
+	case *wirepb.ClientFrame_GroupCreate:
+		kind = "group_create"
+		var r *wirepb.GroupInfo
+		if r, err = c.groupCreate(ctx, b.GroupCreate); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_Group{Group: r}}
+		}
+	case *wirepb.ClientFrame_GroupChange:
+		kind = "group_change"
+		var r *wirepb.GroupInfo
+		if r, err = c.groupChange(ctx, b.GroupChange); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_Group{Group: r}}
+		}
+	case *wirepb.ClientFrame_GetGroup:
+		kind = "get_group"
+		var r *wirepb.GroupInfo
+		if r, err = c.getGroup(ctx, b.GetGroup); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_Group{Group: r}}
+		}
+	case *wirepb.ClientFrame_ListGroups:
+		kind = "list_groups"
+		var r *wirepb.ListGroupsResult
+		if r, err = c.listGroups(ctx, b.ListGroups); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_ListGroups{ListGroups: r}}
+		}
+	case *wirepb.ClientFrame_GroupSend:
+		kind = "group_send"
+		start := time.Now()
+		var r *wirepb.SendResult
+		if r, err = c.groupSend(ctx, b.GroupSend); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_GroupSend{GroupSend: r}}
+			defer func() { c.s.metrics.groupSendAck.Observe(time.Since(start).Seconds()) }()
+		}
 	default:
 		kind, err = "unknown", wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "unknown request")
 	}
@@ -383,7 +415,8 @@ func checkDevices(sender wire.DeviceAddr, to, self *storepb.Account, cts []*wire
 }
 
 // ack deletes acked envelopes and queues a delivered receipt (✓✓) for every
-// device of each message's sender, in the same batch as the delete.
+// device of each 1:1 message's sender, in the same batch as the delete.
+// Group messages, group updates and device-to-device syncs get none.
 func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error) {
 	if len(a.EnvelopeIds) == 0 {
 		return &wirepb.AckResult{}, nil
@@ -406,10 +439,16 @@ func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error
 				return nil, err
 			}
 			d = delivered{sender: env.Sender, senderDevice: env.SenderDevice, to: env.To, seq: env.Seq,
-				clientMsgID: env.ClientMsgId, typ: env.Type}
+				clientMsgID: env.ClientMsgId, typ: env.Type, group: env.GroupId != ""}
 		}
-		if d.typ == wirepb.EnvelopeType_RECEIPT || d.sender == "" || d.sender == c.addr.Account {
-			continue // receipts and sync copies of own sends get no receipt
+		if d.typ == wirepb.EnvelopeType_RECEIPT || d.sender == "" || d.sender == c.addr.Account || d.seq == 0 {
+			continue // receipts, sync copies of own sends and device-to-device syncs get no receipt
+		}
+		if d.group {
+			// One receipt per group message per device would be the receipt
+			// storm of a large group; "read up to seq N" markers replace it
+			// (issue 4, next round). Until then group messages get none.
+			continue
 		}
 		devs, ok := senders[d.sender]
 		if !ok {

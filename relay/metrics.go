@@ -17,6 +17,10 @@ type metrics struct {
 	acked      prometheus.Counter
 	receipts   prometheus.Counter
 	queueEmpty prometheus.Counter
+
+	groupUpdates prometheus.Counter   // GROUP_UPDATE entries stored
+	groupFanout  prometheus.Histogram // recipient devices per group message
+	groupSendAck prometheus.Histogram // GroupSend received -> ✓ queued
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -42,10 +46,18 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Delivered receipts queued for senders."}),
 		queueEmpty: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_queue_empty_total",
 			Help: "QueueEmpty events sent."}),
+		groupUpdates: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_group_updates_total",
+			Help: "GROUP_UPDATE envelopes stored (one per device told of a membership change)."}),
+		groupFanout: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "ferry_relay_group_fanout_devices",
+			Help:    "Recipient devices of one group message.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 14)}), // 1 .. 8192
+		groupSendAck: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "ferry_relay_group_send_ack_seconds",
+			Help:    "Time from a GroupSend frame read to its ✓ response queued (membership check and synced commit for every recipient device included).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.conns, m.authed, m.requests, m.rejected, m.closes, m.sendAck,
-			m.delivered, m.acked, m.receipts, m.queueEmpty)
+			m.delivered, m.acked, m.receipts, m.queueEmpty, m.groupUpdates, m.groupFanout, m.groupSendAck)
 	}
 	return m
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ferryhq/ferry/client"
 	"github.com/ferryhq/ferry/device"
+	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/keys"
 	"github.com/ferryhq/ferry/store"
@@ -46,7 +47,9 @@ func newEnv(t *testing.T, cfg Config) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv = New(cfg, Deps{Accounts: device.New(db, device.Options{}), Prekeys: keys.New(db, keys.Options{}), Inbox: ib})
+	accts := device.New(db, device.Options{})
+	srv = New(cfg, Deps{Accounts: accts, Prekeys: keys.New(db, keys.Options{}), Inbox: ib,
+		Groups: group.New(db, accts, group.Options{})})
 	hs := httptest.NewServer(srv.Handler())
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -25,6 +25,7 @@ type Server struct {
 	deps     Deps
 	hub      *hub
 	dev      *deviceState // device lists, linking, connections per device
+	groups   *groupLocks  // per-group locks (groups.go)
 	metrics  *metrics
 	upgrader websocket.Upgrader
 	log      logger
@@ -44,6 +45,7 @@ func New(cfg Config, deps Deps) *Server {
 		deps:    deps,
 		hub:     newHub(),
 		dev:     newDeviceState(&cfg),
+		groups:  newGroupLocks(),
 		metrics: newMetrics(cfg.Registerer),
 		conns:   make(map[*conn]struct{}),
 		log:     logger{cfg.Logger},

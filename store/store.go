@@ -1,6 +1,6 @@
 // Package store opens the one Pebble database a ferryd node keeps, and
 // documents who owns which part of its key space. Each store package (inbox,
-// keys, device) reads and writes only under its own prefixes.
+// keys, device, group) reads and writes only under its own prefixes.
 //
 // Key space (all integers big-endian; usernames are [a-z0-9_] so 0x00 is a
 // safe separator):
@@ -9,10 +9,19 @@
 //	'l' username                                    device:  newest signed device list (wirepb.SignedDeviceList)
 //	'k' 's' username 0x00 device(4)                 keys:    DeviceKeys (identity + signed prekey)
 //	'k' 'o' username 0x00 device(4) prekey_id(4)    keys:    one-time prekey public key (33 bytes)
-//	'i' username 0x00 device(4) envelope_id(8)      inbox:   wirepb.Envelope bytes
+//	'i' username 0x00 device(4) envelope_id(8)      inbox:   wirepb.Envelope bytes (+ EntryBodyRef, see below)
 //	'm' username 0x00 device(4)                     inbox:   InboxMeta (last id, count, bytes)
 //	'q' conversation                                inbox:   per-conversation sequence (8 bytes)
 //	'd' username 0x00 device(4) client_msg_id       inbox:   SendRecord (dedup of retries)
+//	'c'                                             inbox:   last group body id (8 bytes)
+//	'c' body_id(8) 'b'                              inbox:   shared group envelope (wirepb.Envelope without id, seq, time)
+//	'c' body_id(8) 'r'                              inbox:   BodyRefs (entries still referring to the body)
+//	'g' 'r' group_id(16)                            group:   Group record (storepb.Group)
+//	'g' 'u' username 0x00 group_id(16)              group:   empty: index of a member's groups
+//
+// An inbox entry ('i') of a group message or GROUP_UPDATE holds only its
+// id, seq and time, followed by a storepb.EntryBodyRef naming the shared
+// envelope; that is stored once per message, not per device.
 //
 // Nothing else is stored: no plaintext, no history, no contact lists.
 package store
@@ -35,6 +44,8 @@ const (
 	PrefixInboxMeta  = 'm'
 	PrefixConvSeq    = 'q'
 	PrefixDedup      = 'd'
+	PrefixGroupBody  = 'c'
+	PrefixGroup      = 'g'
 )
 
 // ErrOpen wraps every failure to open the database.

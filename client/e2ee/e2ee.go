@@ -21,6 +21,10 @@
 // an Encrypt's ciphertext may leave at once, a Receive's envelope may be
 // acked at once.
 //
+// Groups use Signal sender keys (see group.go): SenderKeyDistribution,
+// RotateSenderKey, GroupEncrypt, and Receive for SENDER_KEY_MESSAGE
+// envelopes and for pairwise messages carrying a sender key.
+//
 // Identity keys: trust on first use, and a changed key is accepted but
 // reported (as Signal does for unverified contacts). BuildSession with a
 // bundle whose identity key differs from the one known for that device builds
@@ -104,8 +108,8 @@ var (
 	// was recorded.
 	ErrInvalidEnvelope = errors.New("e2ee: invalid envelope")
 	// ErrUnsupportedType: Receive does not handle this envelope type. For
-	// RECEIPT nothing is recorded; other types it cannot decrypt (e.g.
-	// SENDER_KEY_MESSAGE) are recorded as failed and the error wraps both
+	// RECEIPT and GROUP_UPDATE nothing is recorded; other types it cannot
+	// decrypt (unknown ones) are recorded as failed and the error wraps both
 	// ErrDecrypt and ErrUnsupportedType.
 	ErrUnsupportedType = errors.New("e2ee: envelope type not handled by Receive")
 	// ErrInvalidArgument: a caller passed an unusable value (empty account,
@@ -182,7 +186,7 @@ type Device struct {
 	onIDChange atomic.Pointer[func(account string, deviceID uint32)]
 	verifier   atomic.Pointer[func(account string, deviceID uint32, identityKey []byte) error]
 
-	mu sync.Mutex // serializes Encrypt, Receive, BuildSession, DropSession, NewPreKeys
+	mu sync.Mutex // serializes every call that changes Signal state
 }
 
 // Create generates this device's identity key pair, a registration id in

@@ -659,12 +659,20 @@ func TestReceiveTypes(t *testing.T) {
 	if seen, _ := bob.st.Seen(ctx, rc.Id); seen {
 		t.Fatal("receipt marked seen")
 	}
+	gu := bob.envelope(alice, "bob", wirepb.EnvelopeType_GROUP_UPDATE, nil)
+	gu.GroupId = "g"
+	if m, dup, err := bob.dev.Receive(ctx, "bob", gu); m != nil || dup || !errors.Is(err, ErrUnsupportedType) {
+		t.Fatalf("group update: %v %v %v", m, dup, err)
+	}
+	if seen, _ := bob.st.Seen(ctx, gu.Id); seen {
+		t.Fatal("group update marked seen")
+	}
 	ct := alice.encrypt(bob, "typed")
 	for _, typ := range []wirepb.EnvelopeType{wirepb.EnvelopeType_SENDER_KEY_MESSAGE,
 		wirepb.EnvelopeType_ENVELOPE_TYPE_UNSPECIFIED, 99} {
 		err := bob.receiveFail(bob.envelope(alice, "bob", typ, ct.Content))
-		if typ == wirepb.EnvelopeType_SENDER_KEY_MESSAGE && !errors.Is(err, ErrUnsupportedType) {
-			t.Fatalf("sender key message: %v", err)
+		if (typ == wirepb.EnvelopeType_SENDER_KEY_MESSAGE) == errors.Is(err, ErrUnsupportedType) {
+			t.Fatalf("type %v: %v", typ, err)
 		}
 	}
 	// The prekey message sent as a SIGNAL_MESSAGE, and vice versa.

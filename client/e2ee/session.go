@@ -251,7 +251,7 @@ func (d *Device) encryptRaw(ctx context.Context, account string, deviceID uint32
 
 // Receive handles one envelope addressed to this device; me is this
 // device's account. Everything it stores commits in one transaction: the
-// session change, the history row and the envelope's seen mark.
+// Signal state change, the history row and the envelope's seen mark.
 //
 //   - An envelope seen before returns (nil, true, nil): ack it again.
 //   - A decrypted one returns its history row and a nil error. Peer is the
@@ -259,24 +259,38 @@ func (d *Device) encryptRaw(ctx context.Context, account string, deviceID uint32
 //     message my other device sent, and Outgoing is set. If the sender's
 //     identity key changed, the handler set with SetIdentityChangeHandler
 //     is told.
+//   - A group message (SENDER_KEY_MESSAGE with env.GroupId) is decrypted
+//     with the sender device's sender key for that group and its
+//     group_check verified; its row has Group = env.GroupId and Peer ""
+//     (Outgoing when the sender is me: another device of mine sent it).
+//     Without the sender's key it fails with an error wrapping both
+//     ErrDecrypt and ErrNoSenderKey.
+//   - A pairwise message whose Content carries a sender key distribution
+//     stores that key (for the group it names and the envelope's sender
+//     device) and adds no history row: the returned Message has SenderKey
+//     set and LocalID 0; ack it without showing it. If the distribution is
+//     malformed the Message also has Failed set and the error wraps
+//     ErrDecrypt and ErrInvalidSenderKey (still handled: ack it).
 //   - One that cannot be decrypted (malformed, wrong key, replayed, bad
-//     padding, bad Content, or a type Receive cannot decrypt such as
-//     SENDER_KEY_MESSAGE) is recorded as a Failed history row and marked
-//     seen; the row is returned with an error wrapping ErrDecrypt. It will
-//     never decrypt later.
+//     padding, bad Content, a failed group check, or a type Receive cannot
+//     decrypt) is recorded as a Failed history row and marked seen; the row
+//     is returned with an error wrapping ErrDecrypt. It will never decrypt
+//     later.
 //
 // So whenever dup is true or the returned message is non-nil the envelope is
 // durably handled and must be acked. Otherwise nothing was recorded: a
 // storage error (do not ack, so it is redelivered), ErrInvalidEnvelope (nil
-// or id 0) or ErrUnsupportedType (RECEIPT envelopes are not handled here: see
-// localstore.Store.MarkDelivered).
+// or id 0) or ErrUnsupportedType (RECEIPT and GROUP_UPDATE envelopes are
+// server-made and not handled here: see localstore.Store.MarkDelivered and
+// SaveGroup).
 func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (msg *localstore.Message, dup bool, err error) {
 	if env == nil || env.Id == 0 {
 		return nil, false, fmt.Errorf("%w: no envelope or id 0", ErrInvalidEnvelope)
 	}
-	if env.Type == wirepb.EnvelopeType_RECEIPT {
+	if env.Type == wirepb.EnvelopeType_RECEIPT || env.Type == wirepb.EnvelopeType_GROUP_UPDATE {
 		return nil, false, fmt.Errorf("%w: %v", ErrUnsupportedType, env.Type)
 	}
+	group := env.Type == wirepb.EnvelopeType_SENDER_KEY_MESSAGE
 
 	m := localstore.Message{
 		Peer:         env.Sender,
@@ -287,7 +301,10 @@ func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (
 		ClientMsgID:  env.ClientMsgId,
 		EnvelopeID:   env.Id,
 	}
-	if m.Outgoing {
+	switch {
+	case group && env.GroupId != "":
+		m.Peer, m.Group = "", env.GroupId
+	case m.Outgoing:
 		m.Peer = env.To
 	}
 	if env.ServerTimeMs != 0 {
@@ -296,7 +313,7 @@ func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var decErr error
+	var decErr, skErr error
 	var changed []*protocol.SignalAddress
 	err = d.st.Update(ctx, func(tx *localstore.Tx) error {
 		if seen, err := tx.Seen(ctx, env.Id); err != nil || seen {
@@ -307,9 +324,13 @@ func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (
 		pt, err := d.decrypt(ctx, ss, env)
 		var content *wirepb.Content
 		if err == nil {
-			if content, err = decodeContent(pt); err == nil {
-				m.Text = content.Text
-			}
+			content, err = decodeContent(pt)
+		}
+		if err == nil && group {
+			err = checkGroupContent(env.GroupId, content)
+		}
+		if err == nil {
+			m.Text = content.Text
 		}
 		if err != nil {
 			// A local failure is not the envelope's fault: leave it unseen.
@@ -326,7 +347,21 @@ func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (
 			return errRollback // drop whatever the library stored
 		}
 		changed = ss.changed
-		if h := content.GetHistory(); h != nil && m.Outgoing && env.Seq == 0 {
+		if sk := content.GetSenderKey(); sk != nil && !group {
+			// A sender key distribution: store the key; the message itself
+			// is no history row. The pairwise session step is kept even if
+			// the key is invalid (the envelope is handled either way).
+			m.SenderKey, m.Text = true, ""
+			err := processSenderKey(ctx, ss, protocol.NewSignalAddress(env.Sender, env.SenderDevice), sk)
+			if err != nil {
+				if ss.err != nil || ctx.Err() != nil {
+					return errors.Join(ss.err, ctx.Err())
+				}
+				skErr = err
+			}
+			return tx.MarkSeen(ctx, env.Id)
+		}
+		if h := content.GetHistory(); h != nil && m.Outgoing && env.Seq == 0 && !group {
 			// A history chunk from another device of this account (sent with
 			// SyncToDevice): import its messages; the chunk itself is no message.
 			n, err := tx.ImportHistory(ctx, historyMessages(h))
@@ -365,6 +400,10 @@ func (d *Device) Receive(ctx context.Context, me string, env *wirepb.Envelope) (
 		for _, a := range changed {
 			(*fn)(a.Name(), a.DeviceID())
 		}
+	}
+	if skErr != nil {
+		m.Failed = true
+		return &m, false, fmt.Errorf("%w: envelope %d from %s.%d: %w", ErrDecrypt, env.Id, env.Sender, env.SenderDevice, skErr)
 	}
 	return &m, false, nil
 }
@@ -436,6 +475,17 @@ func (d *Device) decrypt(ctx context.Context, ss *sigStore, env *wirepb.Envelope
 			return err
 		})
 		if err != nil {
+			return nil, err
+		}
+	case wirepb.EnvelopeType_SENDER_KEY_MESSAGE:
+		if !validGroupID(env.GroupId) {
+			return nil, fmt.Errorf("%w: group id %q", errMalformed, env.GroupId)
+		}
+		s, err := checkSenderKeyMessage(c)
+		if err != nil {
+			return nil, err
+		}
+		if pt, err = decryptGroup(ctx, ss, env.GroupId, addr, s); err != nil {
 			return nil, err
 		}
 	default:

@@ -13,8 +13,8 @@ import (
 // Message is one row of the device's message history.
 type Message struct {
 	LocalID      int64     // assigned by the store
-	Peer         string    // the other account of the 1:1 conversation
-	Group        string    // "" for 1:1
+	Peer         string    // the other account of the 1:1 conversation; "" in a group
+	Group        string    // the group id; "" for 1:1
 	Outgoing     bool      // sent by this account (by this device, or a sync copy from another one)
 	Sender       string    // sending account
 	SenderDevice uint32    // sending device
@@ -30,6 +30,10 @@ type Message struct {
 	// this account: it is no message itself; Imported messages were added.
 	HistoryChunk bool
 	Imported     int
+	// SenderKey is set (not stored) on what e2ee.Device.Receive returns for
+	// a pairwise message that carried a group sender key: it is no message
+	// itself and has no history row (LocalID 0); ack it without showing it.
+	SenderKey bool
 }
 
 // ErrInvalidMessage is returned for a history row that cannot be stored as
@@ -163,12 +167,17 @@ func (t *Tx) ImportHistory(ctx context.Context, ms []Message) (int, error) {
 	return n, nil
 }
 
-// History returns the messages of one conversation (peer for 1:1 with
-// group "", or a group), ordered by Seq then LocalID.
+// History returns the messages of one conversation, ordered by Seq then
+// LocalID: the 1:1 conversation with peer if group is "", else the group's
+// (peer is then ignored; group rows have Peer "").
 func (s *Store) History(ctx context.Context, peer, group string) ([]Message, error) {
-	rows, err := s.db.QueryContext(ctx,
-		`SELECT `+messageColumns+` FROM messages WHERE peer = ? AND grp = ? ORDER BY seq, local_id`,
-		peer, group)
+	query := `SELECT ` + messageColumns + ` FROM messages WHERE peer = ? AND grp = '' ORDER BY seq, local_id`
+	arg := peer
+	if group != "" {
+		query = `SELECT ` + messageColumns + ` FROM messages WHERE grp = ? ORDER BY seq, local_id`
+		arg = group
+	}
+	rows, err := s.db.QueryContext(ctx, query, arg)
 	if err != nil {
 		return nil, fmt.Errorf("localstore: history: %w", err)
 	}

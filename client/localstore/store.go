@@ -1,7 +1,7 @@
 // Package localstore is a Ferry device's local store: one SQLite file (for
 // the CLI, HOME/device.db) holding the device's settings, its Signal state
-// (own identity, trusted remote identities, sessions, prekeys) and its message
-// history.
+// (own identity, trusted remote identities, sessions, prekeys, group sender
+// keys), the groups it belongs to and its message history.
 //
 // The file is opened in WAL mode with a busy timeout, synchronous=FULL and
 // foreign keys on, so that several processes may share one home (a running
@@ -34,7 +34,7 @@ import (
 
 // SchemaVersion is the schema version Open migrates a file to (SQLite's
 // PRAGMA user_version).
-const SchemaVersion = 1
+const SchemaVersion = 2
 
 // BusyTimeout is how long a statement waits for a lock another connection
 // (or process) holds before failing with SQLITE_BUSY.
@@ -203,6 +203,28 @@ CREATE TABLE seen (
 	envelope_id INTEGER PRIMARY KEY,
 	seen_ms     INTEGER NOT NULL
 );
+`,
+	// 1 -> 2: groups (sender keys and membership)
+	`
+CREATE TABLE sender_keys (
+	group_id   TEXT NOT NULL,
+	sender     TEXT NOT NULL, -- "account:device", or '' for this device's own sending key
+	record     BLOB NOT NULL,
+	updated_ms INTEGER NOT NULL,
+	PRIMARY KEY (group_id, sender)
+) WITHOUT ROWID;
+
+CREATE TABLE groups (
+	group_id    TEXT PRIMARY KEY,
+	name        TEXT NOT NULL,
+	version     INTEGER NOT NULL,
+	info        BLOB NOT NULL,               -- an encoded wirepb.GroupInfo
+	distributed BLOB NOT NULL DEFAULT x'',   -- JSON list of "account.device"
+	updated_ms  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX groups_by_name ON groups(name, updated_ms);
+
+CREATE INDEX messages_by_group ON messages(grp, seq, local_id);
 `,
 }
 

@@ -28,6 +28,7 @@ import (
 	"github.com/ferryhq/ferry/client"
 	"github.com/ferryhq/ferry/client/localstore"
 	"github.com/ferryhq/ferry/wire"
+	"github.com/ferryhq/ferry/wire/wirepb"
 )
 
 const usage = `usage: ferry [--home DIR] [--server URL] COMMAND [ARGS]
@@ -38,6 +39,12 @@ commands:
   recv [--wait D] [--json]     receive, decrypt, store and print messages;
                                without --wait, stop when the backlog is done
   history NAME [--json]        print the local history with NAME
+  group create NAME MEMBER...  create a group (you are its first admin)
+  group add|remove NAME MEMBER add or remove a member (admins)
+  group leave NAME             leave a group
+  group send NAME TEXT|-       send TEXT to the group; exits 0 after ✓
+  group info NAME [--json]     the group's members and devices
+  group history NAME [--json]  the local history of a group
   link                         make this home a new device of an existing account:
                                prints a link code, waits until the primary approves it
   devices list [--json]        this account's devices (from its verified signed list)
@@ -100,6 +107,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		err = cmdHistory(ctx, c, rest, stdout)
 	case "link":
 		err = cmdLink(ctx, c, rest, stdout)
+	case "group":
+		err = cmdGroup(ctx, c, rest, stdin, stdout)
 	case "devices":
 		err = cmdDevices(ctx, c, rest, stdout)
 	default:
@@ -231,9 +240,15 @@ type jsonLine struct {
 	Failed      bool   `json:"failed,omitempty"`
 }
 
-func messageLine(m *localstore.Message) jsonLine {
+func messageLine(c *client.Client, m *localstore.Message) jsonLine {
+	group := m.Group
+	if group != "" {
+		if n := c.GroupName(context.Background(), m.Group); n != "" {
+			group = n
+		}
+	}
 	return jsonLine{Type: "message", ID: m.EnvelopeID, From: m.Sender, FromDevice: m.SenderDevice, To: m.Peer,
-		Group: m.Group, Seq: m.Seq, Text: m.Text, ServerTime: m.ServerTime.UTC().Format(time.RFC3339Nano),
+		Group: group, Seq: m.Seq, Text: m.Text, ServerTime: m.ServerTime.UTC().Format(time.RFC3339Nano),
 		ClientMsgID: m.ClientMsgID, Outgoing: m.Outgoing, Delivered: m.Delivered, Failed: m.Failed}
 }
 
@@ -260,9 +275,9 @@ func cmdRecv(ctx context.Context, c *client.Client, args []string, out io.Writer
 		case ev.Imported > 0 && !*asJSON:
 			fmt.Fprintf(out, "(imported %d messages of history from another device)\n", ev.Imported)
 		case ev.Message != nil && *asJSON:
-			_ = enc.Encode(messageLine(ev.Message))
+			_ = enc.Encode(messageLine(c, ev.Message))
 		case ev.Message != nil:
-			printMessage(out, ev.Message)
+			printMessage(out, c, ev.Message)
 		case ev.Receipt != nil && *asJSON:
 			r := ev.Receipt
 			_ = enc.Encode(jsonLine{Type: "delivered", From: r.Username, FromDevice: r.DeviceId, To: r.To,
@@ -272,10 +287,20 @@ func cmdRecv(ctx context.Context, c *client.Client, args []string, out io.Writer
 	return c.Receive(ctx, opts)
 }
 
-func printMessage(out io.Writer, m *localstore.Message) {
+func printMessage(out io.Writer, c *client.Client, m *localstore.Message) {
 	who := m.Sender
 	if m.Outgoing {
 		who = "me → " + m.Peer
+	}
+	if m.Group != "" {
+		name := c.GroupName(context.Background(), m.Group)
+		if name == "" {
+			name = m.Group[:8]
+		}
+		who = "[" + name + "] " + m.Sender
+		if m.Outgoing {
+			who = "[" + name + "] me"
+		}
 	}
 	text := m.Text
 	if m.Failed {
@@ -306,10 +331,10 @@ func cmdHistory(ctx context.Context, c *client.Client, args []string, out io.Wri
 	for i := range msgs {
 		m := &msgs[i]
 		if *asJSON {
-			_ = enc.Encode(messageLine(m))
+			_ = enc.Encode(messageLine(c, m))
 			continue
 		}
-		printMessage(out, m)
+		printMessage(out, c, m)
 	}
 	return nil
 }
@@ -407,4 +432,122 @@ func fingerprint(key []byte) string {
 	h := sha256.Sum256(key)
 	s := hex.EncodeToString(h[:10])
 	return s[0:5] + " " + s[5:10] + " " + s[10:15] + " " + s[15:20]
+}
+
+func cmdGroup(ctx context.Context, c *client.Client, args []string, stdin io.Reader, out io.Writer) error {
+	const usage = "usage: ferry group create NAME MEMBER... | add NAME MEMBER | remove NAME MEMBER | leave NAME | send NAME TEXT | info NAME [--json] | history NAME [--json]"
+	if len(args) < 2 {
+		return usageError(usage)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	op, name, rest := args[0], args[1], args[2:]
+	switch op {
+	case "create":
+		g, err := c.CreateGroup(ctx, name, rest)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "created group %s (%s) with %d members\n", g.Name, g.GroupId, len(g.Members))
+		return nil
+	case "add", "remove":
+		if len(rest) == 0 {
+			return usageError(usage)
+		}
+		o := wirepb.GroupChange_ADD
+		if op == "remove" {
+			o = wirepb.GroupChange_REMOVE
+		}
+		g, err := c.ChangeGroup(ctx, name, o, rest)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "group %s: version %d, %d members\n", g.Name, g.Version, len(g.Members))
+		return nil
+	case "leave":
+		if _, err := c.ChangeGroup(ctx, name, wirepb.GroupChange_LEAVE, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "left group %s\n", name)
+		return nil
+	case "send":
+		if len(rest) != 1 {
+			return usageError(usage)
+		}
+		text := rest[0]
+		if text == "-" {
+			b, err := io.ReadAll(stdin)
+			if err != nil {
+				return err
+			}
+			text = strings.TrimSuffix(string(b), "\n")
+		}
+		s, err := c.SendGroup(ctx, name, text)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "✓ sent to group %s, seq %d\n", s.To, s.Seq)
+		return nil
+	case "info", "history":
+		fs := flag.NewFlagSet("group "+op, flag.ContinueOnError)
+		asJSON := fs.Bool("json", false, "JSON output")
+		if pos, err := parseArgs(fs, rest); err != nil || len(pos) != 0 {
+			return usageError(usage)
+		}
+		if op == "history" {
+			msgs, err := c.GroupHistory(ctx, name)
+			if err != nil {
+				return err
+			}
+			enc := json.NewEncoder(out)
+			for i := range msgs {
+				if *asJSON {
+					_ = enc.Encode(messageLine(c, &msgs[i]))
+				} else {
+					printMessage(out, c, &msgs[i])
+				}
+			}
+			return nil
+		}
+		g, err := c.GroupInfo(ctx, name)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			type member struct {
+				Username string   `json:"username"`
+				Admin    bool     `json:"admin"`
+				Devices  []uint32 `json:"devices"`
+			}
+			v := struct {
+				ID      string   `json:"id"`
+				Name    string   `json:"name"`
+				Version uint64   `json:"version"`
+				Members []member `json:"members"`
+			}{ID: g.GroupId, Name: g.Name, Version: g.Version}
+			for _, m := range g.Members {
+				mm := member{Username: m.Username, Admin: m.Admin}
+				for _, d := range m.Devices {
+					mm.Devices = append(mm.Devices, d.DeviceId)
+				}
+				v.Members = append(v.Members, mm)
+			}
+			return json.NewEncoder(out).Encode(v)
+		}
+		fmt.Fprintf(out, "%s (%s), version %d\n", g.Name, g.GroupId, g.Version)
+		for _, m := range g.Members {
+			role := ""
+			if m.Admin {
+				role = " (admin)"
+			}
+			var ids []string
+			for _, d := range m.Devices {
+				ids = append(ids, strconv.FormatUint(uint64(d.DeviceId), 10))
+			}
+			fmt.Fprintf(out, "  %s%s: devices %s\n", m.Username, role, strings.Join(ids, ","))
+		}
+		return nil
+	default:
+		return usageError(usage)
+	}
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ferryhq/ferry/device"
+	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/keys"
 	"github.com/ferryhq/ferry/relay"
@@ -48,6 +49,7 @@ type config struct {
 	claimBurst       int
 	shutdownTimeout  time.Duration
 	maxDevices       int
+	maxGroupMembers  int
 	linkTTL          time.Duration
 	linkStartRate    float64
 	linkStartBurst   int
@@ -85,6 +87,7 @@ func main() {
 	fs.Float64Var(&c.claimRate, "claim-rate", 5, "prekey bundle claims per second per requesting device")
 	fs.IntVar(&c.claimBurst, "claim-burst", 20, "prekey bundle claim burst per requesting device")
 	fs.IntVar(&c.maxDevices, "max-devices", device.DefaultMaxDevices, "devices per account, the primary included")
+	fs.IntVar(&c.maxGroupMembers, "max-group-members", group.DefaultMaxMembers, "members per group")
 	fs.DurationVar(&c.linkTTL, "link-ttl", 10*time.Minute, "how long a link code stays valid")
 	fs.Float64Var(&c.linkStartRate, "link-start-rate", 5, "link codes per minute per remote IP (/64 for IPv6)")
 	fs.IntVar(&c.linkStartBurst, "link-start-burst", 5, "link code burst per remote IP")
@@ -133,6 +136,7 @@ func run(c config) error {
 		db.Close()
 		return err
 	}
+	accounts := device.New(db, device.Options{MaxDevices: c.maxDevices})
 	srv = relay.New(relay.Config{
 		MaxFrameBytes: c.maxFrameBytes, MaxMessageBytes: c.maxMessageBytes, DeliveryWindow: c.window,
 		MaxPrekeysPerUpload: c.maxPrekeysUpload,
@@ -142,10 +146,11 @@ func run(c config) error {
 		LinkStartRate: perMinute(c.linkStartRate), LinkStartBurst: c.linkStartBurst,
 		LinkAttemptRate: perMinute(c.linkAttemptRate), LinkAttemptBurst: c.linkAttemptBurst,
 	}, relay.Deps{
-		Accounts: device.New(db, device.Options{MaxDevices: c.maxDevices}),
+		Accounts: accounts,
 		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
 			LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst}),
-		Inbox: ib,
+		Inbox:  ib,
+		Groups: group.New(db, accounts, group.Options{MaxMembers: c.maxGroupMembers}),
 	})
 
 	mux := http.NewServeMux()
