@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/ferryhq/ferry/client/e2ee"
@@ -245,12 +244,11 @@ func retryable(err error) bool {
 	if errors.As(err, &ce) {
 		return ce.Reconnect()
 	}
-	return errors.Is(err, ErrClosed) || isNetErr(err)
-}
-
-func isNetErr(err error) bool {
-	s := err.Error()
-	return strings.Contains(s, "dial") || strings.Contains(s, "connection") || strings.Contains(s, "EOF")
+	var de *DialError
+	if errors.As(err, &de) {
+		return de.Temporary()
+	}
+	return errors.Is(err, ErrClosed)
 }
 
 // Send encrypts text for every device of `to` and every other device of
@@ -282,6 +280,7 @@ func (c *Client) SendWithID(ctx context.Context, id, to, text string) (Sent, err
 		}
 	}()
 	rounds := 0
+	var lastFix error // the latest failure to fix the device set
 	for {
 		if conn == nil {
 			var err error
@@ -307,12 +306,22 @@ func (c *Client) SendWithID(ctx context.Context, id, to, text string) (Sent, err
 		switch {
 		case errors.As(err, &we) && we.Code == wirepb.ErrorCode_DEVICE_MISMATCH && we.Mismatch != nil:
 			if rounds++; rounds > maxMismatchRounds {
+				if lastFix != nil {
+					return Sent{}, lastFix // why the set could not be fixed
+				}
 				return Sent{}, err
 			}
-			if err := c.fixDevices(ctx, conn, we.Mismatch); err != nil {
+			if err = c.fixDevices(ctx, conn, we.Mismatch); err == nil {
+				continue
+			}
+			lastFix = err
+			// fixing failed: classify that error like any other
+			if errors.Is(err, ErrUnlistedDevice) {
+				break // counted above; look again after a wait
+			}
+			if ctx.Err() != nil || !retryable(err) {
 				return Sent{}, err
 			}
-			continue
 		case errors.Is(err, ErrUnlistedDevice):
 			// A just-linked device shows up on the server a moment before
 			// its primary publishes the list naming it: look again a few

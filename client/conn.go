@@ -10,6 +10,8 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"sync"
@@ -41,6 +43,38 @@ func (e *CloseError) Error() string {
 
 // Reconnect reports whether reconnecting may help (see wire.CloseReconnects).
 func (e *CloseError) Reconnect() bool { return wire.CloseReconnects(e.Code) }
+
+// eventBuffer is how many events a Conn holds for its reader. It must
+// exceed the server's delivery window, so that events never block the
+// responses of requests made while handling them.
+const eventBuffer = 1024
+
+// DialError is a failed WebSocket dial.
+type DialError struct {
+	URL        string
+	StatusCode int // HTTP status of a refused upgrade; 0 if there was no answer
+	Err        error
+}
+
+func (e *DialError) Error() string {
+	if e.StatusCode != 0 {
+		return fmt.Sprintf("client: dial %s: HTTP %d: %v", e.URL, e.StatusCode, e.Err)
+	}
+	return fmt.Sprintf("client: dial %s: %v", e.URL, e.Err)
+}
+
+func (e *DialError) Unwrap() error { return e.Err }
+
+// Temporary reports whether dialing again later may work: no answer (network,
+// refused connection, timeout) or a server-side HTTP error (5xx: draining,
+// restarting, overloaded). TLS and other client-side problems are final.
+func (e *DialError) Temporary() bool {
+	if e.StatusCode != 0 {
+		return e.StatusCode >= 500 || e.StatusCode == 429
+	}
+	var ne net.Error
+	return errors.As(e.Err, &ne) || errors.Is(e.Err, io.EOF) || errors.Is(e.Err, io.ErrUnexpectedEOF)
+}
 
 // DialOptions tunes Dial. The zero value is fine.
 type DialOptions struct {
@@ -104,15 +138,16 @@ func Dial(ctx context.Context, server string, o DialOptions) (*Conn, error) {
 	d := websocket.Dialer{HandshakeTimeout: o.Timeout, ReadBufferSize: 4096, WriteBufferSize: 4096}
 	ws, resp, err := d.DialContext(dctx, u, o.Header)
 	if err != nil {
+		de := &DialError{URL: u, Err: err}
 		if resp != nil {
-			return nil, fmt.Errorf("client: dial %s: %s: %w", u, resp.Status, err)
+			de.StatusCode = resp.StatusCode
 		}
-		return nil, fmt.Errorf("client: dial %s: %w", u, err)
+		return nil, de
 	}
 	c := &Conn{
 		ws:      ws,
 		pending: make(map[uint64]chan *wirepb.Response),
-		events:  make(chan *wirepb.Event, 256),
+		events:  make(chan *wirepb.Event, eventBuffer),
 		done:    make(chan struct{}),
 	}
 	ws.SetReadLimit(64 << 20)
@@ -127,6 +162,10 @@ func Dial(ctx context.Context, server string, o DialOptions) (*Conn, error) {
 	if c.welcome == nil || len(c.welcome.Challenge) != wire.ChallengeSize {
 		c.Close()
 		return nil, errors.New("client: server sent no valid Welcome")
+	}
+	if w := c.welcome.GetLimits().GetDeliveryWindow(); int(w) > eventBuffer-64 {
+		c.Close()
+		return nil, fmt.Errorf("client: server delivery window %d is over what this client buffers (%d)", w, eventBuffer-64)
 	}
 	c.extendDeadline()
 	return c, nil
@@ -299,6 +338,17 @@ func (c *Conn) readLoop() {
 				ch <- body.Response
 			}
 		case *wirepb.ServerFrame_Event:
+			if body.Event.GetPrekeysLow() != nil {
+				// A hint; never worth stalling responses for.
+				select {
+				case c.events <- body.Event:
+				default:
+				}
+				continue
+			}
+			// Envelopes are bounded by the server's delivery window, which
+			// the buffer exceeds (Dial checks), so this does not block the
+			// responses a handler of these events may be waiting for.
 			select {
 			case c.events <- body.Event:
 			case <-c.done:

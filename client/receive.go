@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/ferryhq/ferry/client/e2ee"
 	"github.com/ferryhq/ferry/client/localstore"
@@ -36,6 +37,11 @@ type ReceiveOptions struct {
 	Handle func(Event)
 }
 
+// healthyAfter is how long a connection must last before a reconnect
+// starts the backoff over (a server that accepts and then fails at once
+// does not get hammered).
+const healthyAfter = 10 * time.Second
+
 // ackBatch is the most ids one Ack carries.
 const ackBatch = 32
 
@@ -57,8 +63,11 @@ func (c *Client) Receive(ctx context.Context, o ReceiveOptions) error {
 			}
 			c.log.Debug("client: connect failed", "err", err)
 		} else {
-			bo.Reset()
+			start := time.Now()
 			done, err := c.serve(ctx, conn, o)
+			if time.Since(start) > healthyAfter {
+				bo.Reset() // only a connection that lasted resets the backoff
+			}
 			conn.Close()
 			if done || ctx.Err() != nil {
 				return nil

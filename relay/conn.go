@@ -56,6 +56,9 @@ type conn struct {
 	mu       sync.Mutex
 	inflight map[uint64]delivered // guarded by mu: handed over, not yet acked
 
+	finish     chan struct{} // closed by run when every frame owed is queued: flush, close frame, exit
+	writerDone chan struct{} // closed when writeLoop has exited (no more writes possible)
+
 	handlers sync.WaitGroup
 	sem      chan struct{} // bounds concurrent request handlers
 	pumpDone chan struct{}
@@ -75,15 +78,17 @@ type delivered struct {
 func newConn(s *Server, ws *websocket.Conn, remote string) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &conn{
-		s:        s,
-		ws:       ws,
-		remote:   remote,
-		ctx:      ctx,
-		cancel:   cancel,
-		out:      make(chan []byte, s.cfg.DeliveryWindow+s.cfg.MaxInflightRequests+8),
-		wakeCh:   make(chan struct{}, 1),
-		inflight: make(map[uint64]delivered),
-		sem:      make(chan struct{}, s.cfg.MaxInflightRequests),
+		s:          s,
+		ws:         ws,
+		remote:     remote,
+		ctx:        ctx,
+		cancel:     cancel,
+		out:        make(chan []byte, s.cfg.DeliveryWindow+s.cfg.MaxInflightRequests+8),
+		wakeCh:     make(chan struct{}, 1),
+		inflight:   make(map[uint64]delivered),
+		sem:        make(chan struct{}, s.cfg.MaxInflightRequests),
+		finish:     make(chan struct{}),
+		writerDone: make(chan struct{}),
 	}
 }
 
@@ -94,6 +99,10 @@ func (c *conn) close(code int, reason string) {
 		c.closeCode, c.closeReason = code, reason
 		c.s.metrics.closes.WithLabelValues(strconv.Itoa(code)).Inc()
 		c.cancel()
+		// Unblock the reader without closing the socket: responses still
+		// owed (a ✓ whose commit is in flight) are written before the close
+		// frame (see run).
+		_ = c.ws.SetReadDeadline(time.Now())
 	})
 }
 
@@ -118,15 +127,16 @@ func (c *conn) run() {
 	m.conns.Inc()
 	defer m.conns.Dec()
 
-	writerDone := make(chan struct{})
 	go func() {
-		defer close(writerDone)
+		defer close(c.writerDone)
 		c.writeLoop()
 	}()
 
 	c.readLoop()
 	c.close(websocket.CloseNormalClosure, "")
 	c.endLink()
+	// Requests already read are answered (their store work finishes even if
+	// the client is gone), then the writer flushes and sends the close frame.
 	c.handlers.Wait()
 	if c.state == stateAuthed {
 		m.authed.Dec()
@@ -136,7 +146,8 @@ func (c *conn) run() {
 			<-c.pumpDone
 		}
 	}
-	<-writerDone
+	close(c.finish)
+	<-c.writerDone
 }
 
 func (c *conn) readLoop() {
@@ -353,32 +364,35 @@ func (c *conn) writeLoop() {
 	cfg := &c.s.cfg
 	ping := time.NewTicker(cfg.PingInterval)
 	defer ping.Stop()
+	fail := func() {
+		c.close(websocket.CloseAbnormalClosure, "write failed")
+		_ = c.ws.Close()
+	}
 	for {
 		select {
 		case b := <-c.out:
 			if err := c.write(b); err != nil {
-				c.close(websocket.CloseAbnormalClosure, "write failed")
-				_ = c.ws.Close()
+				fail()
 				return
 			}
 		case <-ping.C:
 			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(cfg.WriteTimeout)); err != nil {
-				c.close(websocket.CloseAbnormalClosure, "write failed")
-				_ = c.ws.Close()
+				fail()
 				return
 			}
-		case <-c.ctx.Done():
-			// Frames queued before the close (an error response owed before
-			// a close code, say) go first.
-			for done := false; !done; {
+		case <-c.finish:
+			// Everything owed is queued by now: write it, then the close frame.
+			for {
 				select {
 				case b := <-c.out:
 					if c.write(b) != nil {
-						done = true
+						fail()
+						return
 					}
+					continue
 				default:
-					done = true
 				}
+				break
 			}
 			c.closeSocketNow()
 			return
@@ -400,7 +414,7 @@ func (c *conn) enqueue(b []byte) bool {
 	select {
 	case c.out <- b:
 		return true
-	case <-c.ctx.Done():
+	case <-c.writerDone:
 		return false
 	default:
 	}
@@ -409,7 +423,7 @@ func (c *conn) enqueue(b []byte) bool {
 	select {
 	case c.out <- b:
 		return true
-	case <-c.ctx.Done():
+	case <-c.writerDone:
 		return false
 	case <-t.C:
 		c.s.metrics.rejected.WithLabelValues("slow_consumer").Inc()

@@ -24,7 +24,14 @@ func (s *Server) toWire(err error) *wire.Error {
 	var we *wire.Error
 	if errors.As(err, &we) {
 		out := *we
-		out.Message = err.Error()
+		switch we.Code {
+		case wirepb.ErrorCode_INTERNAL, wirepb.ErrorCode_UNAVAILABLE:
+			// The wrapped text may name files or storage internals: log it,
+			// show only the error's own message.
+			s.log.Warn("relay: request failed", "code", we.Code.String(), "err", err)
+		default:
+			out.Message = err.Error()
+		}
 		return &out
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
@@ -101,15 +108,15 @@ func (c *conn) auth(id uint64, a *wirepb.Auth) bool {
 		c.close(wire.CloseAuthFailed, "authentication failed")
 		return false
 	}
-	c.addr, c.sendOnly = addr, a.SendOnly
-	c.state = stateAuthed
-	c.challenge = nil
 	n, _, err := c.s.deps.Prekeys.Count(ctx, addr)
 	if err != nil {
 		c.respondErr(id, "auth", err)
 		c.close(wire.CloseInternal, "storage error")
 		return false
 	}
+	c.addr, c.sendOnly = addr, a.SendOnly
+	c.state = stateAuthed
+	c.challenge = nil
 	// The device's connection is registered before the client hears "ok",
 	// so a client that connects again right after cannot be replaced by
 	// this older connection.
@@ -165,6 +172,11 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 		var r *wirepb.AckResult
 		if r, err = c.ack(ctx, b.Ack); err == nil {
 			res = &wirepb.Response{Result: &wirepb.Response_Ack{Ack: r}}
+		} else if wire.CodeOf(err) != wirepb.ErrorCode_BAD_REQUEST {
+			// The acked ids stay in flight and the window would shrink for
+			// good: end the connection; the client reconnects and gets
+			// everything unacked again.
+			defer c.close(wire.CloseInternal, "ack failed")
 		}
 	case *wirepb.ClientFrame_PublishDeviceList:
 		kind = "publish_device_list"

@@ -508,3 +508,55 @@ func TestHandshakeTimeout(t *testing.T) {
 		t.Fatalf("got %v, want close %d", err, wire.CloseHandshakeTimeout)
 	}
 }
+
+// slowInbox holds every Append until released, to catch a commit in flight.
+type slowInbox struct {
+	Inbox
+	started chan struct{}
+	release chan struct{}
+}
+
+func (s *slowInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted, error) {
+	s.started <- struct{}{}
+	<-s.release
+	return s.Inbox.Append(ctx, m)
+}
+
+// A ✓ owed when the server shuts down is still written before the close
+// frame: the client learns its message was accepted.
+func TestShutdownAnswersCommitsInFlight(t *testing.T) {
+	e := newEnv(t, Config{})
+	slow := &slowInbox{Inbox: e.inbox, started: make(chan struct{}), release: make(chan struct{})}
+	e.srv.deps.Inbox = slow
+	_, ac := e.register("alice")
+	bob, _ := e.register("bob")
+	type result struct {
+		r   *wirepb.SendResult
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		r, err := send(t, ac, "in-flight", bob, "x")
+		done <- result{r, err}
+	}()
+	<-slow.started
+	shut := make(chan error, 1)
+	go func() { shut <- e.srv.Shutdown(ctx(t)) }()
+	// The server is draining; now let the commit finish.
+	for e.srv.Ready() {
+		time.Sleep(time.Millisecond) // Ready flips synchronously at the start of Shutdown
+	}
+	close(slow.release)
+	res := <-done
+	if res.err != nil || res.r.Seq != 1 {
+		t.Fatalf("the owed ✓ was lost: %+v %v", res.r, res.err)
+	}
+	if err := <-shut; err != nil {
+		t.Fatal(err)
+	}
+	<-ac.Done()
+	var ce *client.CloseError
+	if !errors.As(ac.Err(), &ce) || ce.Code != wire.CloseServerShutdown {
+		t.Fatalf("closed with %v", ac.Err())
+	}
+}
