@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ferryhq/ferry/client/e2ee"
@@ -90,8 +91,9 @@ func (c *Client) Receive(ctx context.Context, o ReceiveOptions) error {
 // serve processes one connection's events; done reports UntilEmpty reached.
 func (c *Client) serve(ctx context.Context, conn *Conn, o ReceiveOptions) (done bool, err error) {
 	var (
-		pending []uint64
-		wg      sync.WaitGroup
+		pending   []uint64
+		wg        sync.WaitGroup
+		refilling atomic.Bool
 	)
 	defer wg.Wait()
 	flush := func() {
@@ -134,14 +136,24 @@ func (c *Client) serve(ctx context.Context, conn *Conn, o ReceiveOptions) (done 
 				return true, nil
 			}
 		case *wirepb.Event_PrekeysLow:
-			up, err := c.dev.NewPreKeys(ctx, prekeyBatch)
-			if err != nil {
-				return false, err
+			// One refill at a time, and only while the server still holds
+			// few: a burst of claims must not grow the local key store.
+			if !refilling.CompareAndSwap(false, true) {
+				continue
 			}
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if _, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_UploadKeys{UploadKeys: up}}); err != nil {
+				defer refilling.Store(false)
+				r, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_KeyStatus{KeyStatus: &wirepb.KeyStatus{}}})
+				if err != nil || r.GetKeyStatus().GetOneTimePrekeys() >= b.PrekeysLow.OneTimePrekeys+prekeyBatch/2 {
+					return
+				}
+				up, err := c.dev.NewPreKeys(ctx, prekeyBatch)
+				if err == nil {
+					_, err = conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_UploadKeys{UploadKeys: up}})
+				}
+				if err != nil {
 					c.log.Warn("client: prekey refill failed", "err", err)
 				}
 			}()

@@ -205,7 +205,10 @@ func run(c config) error {
 	// Stop accepting and tell clients to come back later; in-flight commits
 	// are answered before the store closes.
 	if err := srv.Shutdown(ctx); err != nil {
-		log.Warn("ferryd: connections still open at shutdown", "err", err)
+		// Handlers may still read the store: closing it under them would
+		// panic. Every commit is already synced, so exiting loses nothing.
+		log.Error("ferryd: connections still busy at the shutdown deadline; exiting without closing the store", "err", err)
+		return fmt.Errorf("shutdown: %w", err)
 	}
 	_ = hs.Shutdown(ctx)
 	if err := ib.Close(); err != nil {
