@@ -93,7 +93,8 @@ type ReceiptKind int32
 
 const (
 	ReceiptKind_RECEIPT_KIND_UNSPECIFIED ReceiptKind = 0
-	ReceiptKind_DELIVERED                ReceiptKind = 1 // a recipient device acked (✓✓)
+	ReceiptKind_DELIVERED                ReceiptKind = 1 // a recipient device has everything of this conversation from you up to seq (✓✓)
+	ReceiptKind_READ                     ReceiptKind = 2 // the reader has read the conversation up to seq
 )
 
 // Enum value maps for ReceiptKind.
@@ -101,10 +102,12 @@ var (
 	ReceiptKind_name = map[int32]string{
 		0: "RECEIPT_KIND_UNSPECIFIED",
 		1: "DELIVERED",
+		2: "READ",
 	}
 	ReceiptKind_value = map[string]int32{
 		"RECEIPT_KIND_UNSPECIFIED": 0,
 		"DELIVERED":                1,
+		"READ":                     2,
 	}
 )
 
@@ -325,7 +328,7 @@ func (x GroupChange_Op) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use GroupChange_Op.Descriptor instead.
 func (GroupChange_Op) EnumDescriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{51, 0}
+	return file_ferry_proto_rawDescGZIP(), []int{53, 0}
 }
 
 // ClientFrame is every frame a client sends. Each one is a request: the server
@@ -357,6 +360,7 @@ type ClientFrame struct {
 	//	*ClientFrame_GetGroup
 	//	*ClientFrame_ListGroups
 	//	*ClientFrame_GroupSend
+	//	*ClientFrame_MarkRead
 	Body          isClientFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -586,6 +590,15 @@ func (x *ClientFrame) GetGroupSend() *GroupSend {
 	return nil
 }
 
+func (x *ClientFrame) GetMarkRead() *MarkRead {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_MarkRead); ok {
+			return x.MarkRead
+		}
+	}
+	return nil
+}
+
 type isClientFrame_Body interface {
 	isClientFrame_Body()
 }
@@ -670,6 +683,10 @@ type ClientFrame_GroupSend struct {
 	GroupSend *GroupSend `protobuf:"bytes,21,opt,name=group_send,json=groupSend,proto3,oneof"`
 }
 
+type ClientFrame_MarkRead struct {
+	MarkRead *MarkRead `protobuf:"bytes,22,opt,name=mark_read,json=markRead,proto3,oneof"`
+}
+
 func (*ClientFrame_Hello) isClientFrame_Body() {}
 
 func (*ClientFrame_Register) isClientFrame_Body() {}
@@ -709,6 +726,8 @@ func (*ClientFrame_GetGroup) isClientFrame_Body() {}
 func (*ClientFrame_ListGroups) isClientFrame_Body() {}
 
 func (*ClientFrame_GroupSend) isClientFrame_Body() {}
+
+func (*ClientFrame_MarkRead) isClientFrame_Body() {}
 
 // ServerFrame is every frame the server sends: a response or an event.
 type ServerFrame struct {
@@ -817,6 +836,7 @@ type Response struct {
 	//	*Response_Group
 	//	*Response_ListGroups
 	//	*Response_GroupSend
+	//	*Response_MarkRead
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1035,6 +1055,15 @@ func (x *Response) GetGroupSend() *SendResult {
 	return nil
 }
 
+func (x *Response) GetMarkRead() *MarkReadResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_MarkRead); ok {
+			return x.MarkRead
+		}
+	}
+	return nil
+}
+
 type isResponse_Result interface {
 	isResponse_Result()
 }
@@ -1111,6 +1140,10 @@ type Response_GroupSend struct {
 	GroupSend *SendResult `protobuf:"bytes,27,opt,name=group_send,json=groupSend,proto3,oneof"`
 }
 
+type Response_MarkRead struct {
+	MarkRead *MarkReadResult `protobuf:"bytes,28,opt,name=mark_read,json=markRead,proto3,oneof"`
+}
+
 func (*Response_Welcome) isResponse_Result() {}
 
 func (*Response_Register) isResponse_Result() {}
@@ -1146,6 +1179,8 @@ func (*Response_Group) isResponse_Result() {}
 func (*Response_ListGroups) isResponse_Result() {}
 
 func (*Response_GroupSend) isResponse_Result() {}
+
+func (*Response_MarkRead) isResponse_Result() {}
 
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2606,15 +2641,20 @@ func (x *Envelope) GetGroup() *GroupInfo {
 	return nil
 }
 
-// A receipt tells the sender's devices that a recipient device acked a message.
+// A receipt is an "up to seq N" marker: the device (username, device_id)
+// has received (DELIVERED) or read (READ) the conversation up to seq. The
+// server keeps at most one pending marker per receiving device, conversation,
+// reader device and kind, raising its seq, so receipts never grow with the
+// number of messages.
 type Receipt struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Kind          ReceiptKind            `protobuf:"varint,1,opt,name=kind,proto3,enum=ferry.wire.v1.ReceiptKind" json:"kind,omitempty"`
-	Username      string                 `protobuf:"bytes,2,opt,name=username,proto3" json:"username,omitempty"` // the device that acked
+	Username      string                 `protobuf:"bytes,2,opt,name=username,proto3" json:"username,omitempty"` // the reader
 	DeviceId      uint32                 `protobuf:"varint,3,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
-	To            string                 `protobuf:"bytes,4,opt,name=to,proto3" json:"to,omitempty"` // the conversation of the acked message, as in Envelope.to
-	Seq           uint64                 `protobuf:"varint,5,opt,name=seq,proto3" json:"seq,omitempty"`
-	ClientMsgId   string                 `protobuf:"bytes,6,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"`
+	To            string                 `protobuf:"bytes,4,opt,name=to,proto3" json:"to,omitempty"`                                        // 1:1: the conversation, as in Envelope.to of the messages it covers
+	Seq           uint64                 `protobuf:"varint,5,opt,name=seq,proto3" json:"seq,omitempty"`                                     // up to and including this seq
+	ClientMsgId   string                 `protobuf:"bytes,6,opt,name=client_msg_id,json=clientMsgId,proto3" json:"client_msg_id,omitempty"` // unused for markers (kept for old clients)
+	GroupId       string                 `protobuf:"bytes,7,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`               // group conversations
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2691,6 +2731,112 @@ func (x *Receipt) GetClientMsgId() string {
 	return ""
 }
 
+func (x *Receipt) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+// MarkRead says this account has read a conversation up to seq. READ
+// markers go to the peer's devices (1:1) or every other member's devices
+// (group), and to this account's other devices.
+type MarkRead struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Peer          string                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`                      // 1:1 conversation partner; or
+	GroupId       string                 `protobuf:"bytes,2,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"` // a group
+	Seq           uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MarkRead) Reset() {
+	*x = MarkRead{}
+	mi := &file_ferry_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MarkRead) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MarkRead) ProtoMessage() {}
+
+func (x *MarkRead) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MarkRead.ProtoReflect.Descriptor instead.
+func (*MarkRead) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *MarkRead) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *MarkRead) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *MarkRead) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+type MarkReadResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MarkReadResult) Reset() {
+	*x = MarkReadResult{}
+	mi := &file_ferry_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MarkReadResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MarkReadResult) ProtoMessage() {}
+
+func (x *MarkReadResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MarkReadResult.ProtoReflect.Descriptor instead.
+func (*MarkReadResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{28}
+}
+
 type QueueEmpty struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2699,7 +2845,7 @@ type QueueEmpty struct {
 
 func (x *QueueEmpty) Reset() {
 	*x = QueueEmpty{}
-	mi := &file_ferry_proto_msgTypes[27]
+	mi := &file_ferry_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2711,7 +2857,7 @@ func (x *QueueEmpty) String() string {
 func (*QueueEmpty) ProtoMessage() {}
 
 func (x *QueueEmpty) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[27]
+	mi := &file_ferry_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2724,7 +2870,7 @@ func (x *QueueEmpty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueueEmpty.ProtoReflect.Descriptor instead.
 func (*QueueEmpty) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{27}
+	return file_ferry_proto_rawDescGZIP(), []int{29}
 }
 
 type PrekeysLow struct {
@@ -2736,7 +2882,7 @@ type PrekeysLow struct {
 
 func (x *PrekeysLow) Reset() {
 	*x = PrekeysLow{}
-	mi := &file_ferry_proto_msgTypes[28]
+	mi := &file_ferry_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2748,7 +2894,7 @@ func (x *PrekeysLow) String() string {
 func (*PrekeysLow) ProtoMessage() {}
 
 func (x *PrekeysLow) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[28]
+	mi := &file_ferry_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2761,7 +2907,7 @@ func (x *PrekeysLow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrekeysLow.ProtoReflect.Descriptor instead.
 func (*PrekeysLow) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{28}
+	return file_ferry_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *PrekeysLow) GetOneTimePrekeys() uint32 {
@@ -2787,7 +2933,7 @@ type DeviceList struct {
 
 func (x *DeviceList) Reset() {
 	*x = DeviceList{}
-	mi := &file_ferry_proto_msgTypes[29]
+	mi := &file_ferry_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2799,7 +2945,7 @@ func (x *DeviceList) String() string {
 func (*DeviceList) ProtoMessage() {}
 
 func (x *DeviceList) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[29]
+	mi := &file_ferry_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2812,7 +2958,7 @@ func (x *DeviceList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceList.ProtoReflect.Descriptor instead.
 func (*DeviceList) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{29}
+	return file_ferry_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *DeviceList) GetUsername() string {
@@ -2853,7 +2999,7 @@ type DeviceListEntry struct {
 
 func (x *DeviceListEntry) Reset() {
 	*x = DeviceListEntry{}
-	mi := &file_ferry_proto_msgTypes[30]
+	mi := &file_ferry_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2865,7 +3011,7 @@ func (x *DeviceListEntry) String() string {
 func (*DeviceListEntry) ProtoMessage() {}
 
 func (x *DeviceListEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[30]
+	mi := &file_ferry_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2878,7 +3024,7 @@ func (x *DeviceListEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceListEntry.ProtoReflect.Descriptor instead.
 func (*DeviceListEntry) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{30}
+	return file_ferry_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DeviceListEntry) GetDeviceId() uint32 {
@@ -2908,7 +3054,7 @@ type SignedDeviceList struct {
 
 func (x *SignedDeviceList) Reset() {
 	*x = SignedDeviceList{}
-	mi := &file_ferry_proto_msgTypes[31]
+	mi := &file_ferry_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2920,7 +3066,7 @@ func (x *SignedDeviceList) String() string {
 func (*SignedDeviceList) ProtoMessage() {}
 
 func (x *SignedDeviceList) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[31]
+	mi := &file_ferry_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2933,7 +3079,7 @@ func (x *SignedDeviceList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignedDeviceList.ProtoReflect.Descriptor instead.
 func (*SignedDeviceList) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{31}
+	return file_ferry_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SignedDeviceList) GetList() []byte {
@@ -2959,7 +3105,7 @@ type PublishDeviceList struct {
 
 func (x *PublishDeviceList) Reset() {
 	*x = PublishDeviceList{}
-	mi := &file_ferry_proto_msgTypes[32]
+	mi := &file_ferry_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2971,7 +3117,7 @@ func (x *PublishDeviceList) String() string {
 func (*PublishDeviceList) ProtoMessage() {}
 
 func (x *PublishDeviceList) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[32]
+	mi := &file_ferry_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2984,7 +3130,7 @@ func (x *PublishDeviceList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishDeviceList.ProtoReflect.Descriptor instead.
 func (*PublishDeviceList) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{32}
+	return file_ferry_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *PublishDeviceList) GetList() *SignedDeviceList {
@@ -3004,7 +3150,7 @@ type PublishDeviceListResult struct {
 
 func (x *PublishDeviceListResult) Reset() {
 	*x = PublishDeviceListResult{}
-	mi := &file_ferry_proto_msgTypes[33]
+	mi := &file_ferry_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3016,7 +3162,7 @@ func (x *PublishDeviceListResult) String() string {
 func (*PublishDeviceListResult) ProtoMessage() {}
 
 func (x *PublishDeviceListResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[33]
+	mi := &file_ferry_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3029,7 +3175,7 @@ func (x *PublishDeviceListResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublishDeviceListResult.ProtoReflect.Descriptor instead.
 func (*PublishDeviceListResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{33}
+	return file_ferry_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *PublishDeviceListResult) GetVersion() uint64 {
@@ -3055,7 +3201,7 @@ type GetDeviceList struct {
 
 func (x *GetDeviceList) Reset() {
 	*x = GetDeviceList{}
-	mi := &file_ferry_proto_msgTypes[34]
+	mi := &file_ferry_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3067,7 +3213,7 @@ func (x *GetDeviceList) String() string {
 func (*GetDeviceList) ProtoMessage() {}
 
 func (x *GetDeviceList) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[34]
+	mi := &file_ferry_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3080,7 +3226,7 @@ func (x *GetDeviceList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDeviceList.ProtoReflect.Descriptor instead.
 func (*GetDeviceList) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{34}
+	return file_ferry_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GetDeviceList) GetUsername() string {
@@ -3099,7 +3245,7 @@ type GetDeviceListResult struct {
 
 func (x *GetDeviceListResult) Reset() {
 	*x = GetDeviceListResult{}
-	mi := &file_ferry_proto_msgTypes[35]
+	mi := &file_ferry_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3111,7 +3257,7 @@ func (x *GetDeviceListResult) String() string {
 func (*GetDeviceListResult) ProtoMessage() {}
 
 func (x *GetDeviceListResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[35]
+	mi := &file_ferry_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3124,7 +3270,7 @@ func (x *GetDeviceListResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDeviceListResult.ProtoReflect.Descriptor instead.
 func (*GetDeviceListResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{35}
+	return file_ferry_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GetDeviceListResult) GetList() *SignedDeviceList {
@@ -3149,7 +3295,7 @@ type LinkStart struct {
 
 func (x *LinkStart) Reset() {
 	*x = LinkStart{}
-	mi := &file_ferry_proto_msgTypes[36]
+	mi := &file_ferry_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3161,7 +3307,7 @@ func (x *LinkStart) String() string {
 func (*LinkStart) ProtoMessage() {}
 
 func (x *LinkStart) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[36]
+	mi := &file_ferry_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3174,7 +3320,7 @@ func (x *LinkStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LinkStart.ProtoReflect.Descriptor instead.
 func (*LinkStart) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{36}
+	return file_ferry_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *LinkStart) GetDeviceKey() []byte {
@@ -3215,7 +3361,7 @@ type LinkStartResult struct {
 
 func (x *LinkStartResult) Reset() {
 	*x = LinkStartResult{}
-	mi := &file_ferry_proto_msgTypes[37]
+	mi := &file_ferry_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3227,7 +3373,7 @@ func (x *LinkStartResult) String() string {
 func (*LinkStartResult) ProtoMessage() {}
 
 func (x *LinkStartResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[37]
+	mi := &file_ferry_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3240,7 +3386,7 @@ func (x *LinkStartResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LinkStartResult.ProtoReflect.Descriptor instead.
 func (*LinkStartResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{37}
+	return file_ferry_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *LinkStartResult) GetCodeId() []byte {
@@ -3268,7 +3414,7 @@ type GetLink struct {
 
 func (x *GetLink) Reset() {
 	*x = GetLink{}
-	mi := &file_ferry_proto_msgTypes[38]
+	mi := &file_ferry_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3280,7 +3426,7 @@ func (x *GetLink) String() string {
 func (*GetLink) ProtoMessage() {}
 
 func (x *GetLink) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[38]
+	mi := &file_ferry_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3293,7 +3439,7 @@ func (x *GetLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLink.ProtoReflect.Descriptor instead.
 func (*GetLink) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{38}
+	return file_ferry_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetLink) GetCodeId() []byte {
@@ -3316,7 +3462,7 @@ type GetLinkResult struct {
 
 func (x *GetLinkResult) Reset() {
 	*x = GetLinkResult{}
-	mi := &file_ferry_proto_msgTypes[39]
+	mi := &file_ferry_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3328,7 +3474,7 @@ func (x *GetLinkResult) String() string {
 func (*GetLinkResult) ProtoMessage() {}
 
 func (x *GetLinkResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[39]
+	mi := &file_ferry_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3341,7 +3487,7 @@ func (x *GetLinkResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLinkResult.ProtoReflect.Descriptor instead.
 func (*GetLinkResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{39}
+	return file_ferry_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *GetLinkResult) GetDeviceKey() []byte {
@@ -3391,7 +3537,7 @@ type ApproveLink struct {
 
 func (x *ApproveLink) Reset() {
 	*x = ApproveLink{}
-	mi := &file_ferry_proto_msgTypes[40]
+	mi := &file_ferry_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3403,7 +3549,7 @@ func (x *ApproveLink) String() string {
 func (*ApproveLink) ProtoMessage() {}
 
 func (x *ApproveLink) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[40]
+	mi := &file_ferry_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3416,7 +3562,7 @@ func (x *ApproveLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApproveLink.ProtoReflect.Descriptor instead.
 func (*ApproveLink) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{40}
+	return file_ferry_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ApproveLink) GetCodeId() []byte {
@@ -3449,7 +3595,7 @@ type ApproveLinkResult struct {
 
 func (x *ApproveLinkResult) Reset() {
 	*x = ApproveLinkResult{}
-	mi := &file_ferry_proto_msgTypes[41]
+	mi := &file_ferry_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3461,7 +3607,7 @@ func (x *ApproveLinkResult) String() string {
 func (*ApproveLinkResult) ProtoMessage() {}
 
 func (x *ApproveLinkResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[41]
+	mi := &file_ferry_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3474,7 +3620,7 @@ func (x *ApproveLinkResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApproveLinkResult.ProtoReflect.Descriptor instead.
 func (*ApproveLinkResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{41}
+	return file_ferry_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ApproveLinkResult) GetDeviceId() uint32 {
@@ -3497,7 +3643,7 @@ type LinkApproved struct {
 
 func (x *LinkApproved) Reset() {
 	*x = LinkApproved{}
-	mi := &file_ferry_proto_msgTypes[42]
+	mi := &file_ferry_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3509,7 +3655,7 @@ func (x *LinkApproved) String() string {
 func (*LinkApproved) ProtoMessage() {}
 
 func (x *LinkApproved) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[42]
+	mi := &file_ferry_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3522,7 +3668,7 @@ func (x *LinkApproved) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LinkApproved.ProtoReflect.Descriptor instead.
 func (*LinkApproved) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{42}
+	return file_ferry_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *LinkApproved) GetUsername() string {
@@ -3565,7 +3711,7 @@ type LinkMaterial struct {
 
 func (x *LinkMaterial) Reset() {
 	*x = LinkMaterial{}
-	mi := &file_ferry_proto_msgTypes[43]
+	mi := &file_ferry_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3577,7 +3723,7 @@ func (x *LinkMaterial) String() string {
 func (*LinkMaterial) ProtoMessage() {}
 
 func (x *LinkMaterial) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[43]
+	mi := &file_ferry_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3590,7 +3736,7 @@ func (x *LinkMaterial) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LinkMaterial.ProtoReflect.Descriptor instead.
 func (*LinkMaterial) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{43}
+	return file_ferry_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *LinkMaterial) GetUsername() string {
@@ -3626,7 +3772,7 @@ type RemoveDevice struct {
 
 func (x *RemoveDevice) Reset() {
 	*x = RemoveDevice{}
-	mi := &file_ferry_proto_msgTypes[44]
+	mi := &file_ferry_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3638,7 +3784,7 @@ func (x *RemoveDevice) String() string {
 func (*RemoveDevice) ProtoMessage() {}
 
 func (x *RemoveDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[44]
+	mi := &file_ferry_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3651,7 +3797,7 @@ func (x *RemoveDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDevice.ProtoReflect.Descriptor instead.
 func (*RemoveDevice) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{44}
+	return file_ferry_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *RemoveDevice) GetDeviceId() uint32 {
@@ -3669,7 +3815,7 @@ type RemoveDeviceResult struct {
 
 func (x *RemoveDeviceResult) Reset() {
 	*x = RemoveDeviceResult{}
-	mi := &file_ferry_proto_msgTypes[45]
+	mi := &file_ferry_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3681,7 +3827,7 @@ func (x *RemoveDeviceResult) String() string {
 func (*RemoveDeviceResult) ProtoMessage() {}
 
 func (x *RemoveDeviceResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[45]
+	mi := &file_ferry_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3694,7 +3840,7 @@ func (x *RemoveDeviceResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDeviceResult.ProtoReflect.Descriptor instead.
 func (*RemoveDeviceResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{45}
+	return file_ferry_proto_rawDescGZIP(), []int{47}
 }
 
 // SyncToDevice sends one ciphertext to one other device of the sender's own
@@ -3714,7 +3860,7 @@ type SyncToDevice struct {
 
 func (x *SyncToDevice) Reset() {
 	*x = SyncToDevice{}
-	mi := &file_ferry_proto_msgTypes[46]
+	mi := &file_ferry_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3726,7 +3872,7 @@ func (x *SyncToDevice) String() string {
 func (*SyncToDevice) ProtoMessage() {}
 
 func (x *SyncToDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[46]
+	mi := &file_ferry_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3739,7 +3885,7 @@ func (x *SyncToDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncToDevice.ProtoReflect.Descriptor instead.
 func (*SyncToDevice) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{46}
+	return file_ferry_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SyncToDevice) GetUsername() string {
@@ -3799,7 +3945,7 @@ type GroupInfo struct {
 
 func (x *GroupInfo) Reset() {
 	*x = GroupInfo{}
-	mi := &file_ferry_proto_msgTypes[47]
+	mi := &file_ferry_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3811,7 +3957,7 @@ func (x *GroupInfo) String() string {
 func (*GroupInfo) ProtoMessage() {}
 
 func (x *GroupInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[47]
+	mi := &file_ferry_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3824,7 +3970,7 @@ func (x *GroupInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GroupInfo.ProtoReflect.Descriptor instead.
 func (*GroupInfo) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{47}
+	return file_ferry_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *GroupInfo) GetGroupId() string {
@@ -3880,7 +4026,7 @@ type GroupMember struct {
 
 func (x *GroupMember) Reset() {
 	*x = GroupMember{}
-	mi := &file_ferry_proto_msgTypes[48]
+	mi := &file_ferry_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3892,7 +4038,7 @@ func (x *GroupMember) String() string {
 func (*GroupMember) ProtoMessage() {}
 
 func (x *GroupMember) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[48]
+	mi := &file_ferry_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3905,7 +4051,7 @@ func (x *GroupMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GroupMember.ProtoReflect.Descriptor instead.
 func (*GroupMember) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{48}
+	return file_ferry_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *GroupMember) GetUsername() string {
@@ -3939,7 +4085,7 @@ type GroupDevice struct {
 
 func (x *GroupDevice) Reset() {
 	*x = GroupDevice{}
-	mi := &file_ferry_proto_msgTypes[49]
+	mi := &file_ferry_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3951,7 +4097,7 @@ func (x *GroupDevice) String() string {
 func (*GroupDevice) ProtoMessage() {}
 
 func (x *GroupDevice) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[49]
+	mi := &file_ferry_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3964,7 +4110,7 @@ func (x *GroupDevice) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GroupDevice.ProtoReflect.Descriptor instead.
 func (*GroupDevice) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{49}
+	return file_ferry_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *GroupDevice) GetDeviceId() uint32 {
@@ -3991,7 +4137,7 @@ type GroupCreate struct {
 
 func (x *GroupCreate) Reset() {
 	*x = GroupCreate{}
-	mi := &file_ferry_proto_msgTypes[50]
+	mi := &file_ferry_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4003,7 +4149,7 @@ func (x *GroupCreate) String() string {
 func (*GroupCreate) ProtoMessage() {}
 
 func (x *GroupCreate) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[50]
+	mi := &file_ferry_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4016,7 +4162,7 @@ func (x *GroupCreate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GroupCreate.ProtoReflect.Descriptor instead.
 func (*GroupCreate) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{50}
+	return file_ferry_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *GroupCreate) GetName() string {
@@ -4044,7 +4190,7 @@ type GroupChange struct {
 
 func (x *GroupChange) Reset() {
 	*x = GroupChange{}
-	mi := &file_ferry_proto_msgTypes[51]
+	mi := &file_ferry_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4056,7 +4202,7 @@ func (x *GroupChange) String() string {
 func (*GroupChange) ProtoMessage() {}
 
 func (x *GroupChange) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[51]
+	mi := &file_ferry_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4069,7 +4215,7 @@ func (x *GroupChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GroupChange.ProtoReflect.Descriptor instead.
 func (*GroupChange) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{51}
+	return file_ferry_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *GroupChange) GetGroupId() string {
@@ -4102,7 +4248,7 @@ type GetGroup struct {
 
 func (x *GetGroup) Reset() {
 	*x = GetGroup{}
-	mi := &file_ferry_proto_msgTypes[52]
+	mi := &file_ferry_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4114,7 +4260,7 @@ func (x *GetGroup) String() string {
 func (*GetGroup) ProtoMessage() {}
 
 func (x *GetGroup) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[52]
+	mi := &file_ferry_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4127,7 +4273,7 @@ func (x *GetGroup) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetGroup.ProtoReflect.Descriptor instead.
 func (*GetGroup) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{52}
+	return file_ferry_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *GetGroup) GetGroupId() string {
@@ -4145,7 +4291,7 @@ type ListGroups struct {
 
 func (x *ListGroups) Reset() {
 	*x = ListGroups{}
-	mi := &file_ferry_proto_msgTypes[53]
+	mi := &file_ferry_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4157,7 +4303,7 @@ func (x *ListGroups) String() string {
 func (*ListGroups) ProtoMessage() {}
 
 func (x *ListGroups) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[53]
+	mi := &file_ferry_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4170,7 +4316,7 @@ func (x *ListGroups) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListGroups.ProtoReflect.Descriptor instead.
 func (*ListGroups) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{53}
+	return file_ferry_proto_rawDescGZIP(), []int{55}
 }
 
 type ListGroupsResult struct {
@@ -4182,7 +4328,7 @@ type ListGroupsResult struct {
 
 func (x *ListGroupsResult) Reset() {
 	*x = ListGroupsResult{}
-	mi := &file_ferry_proto_msgTypes[54]
+	mi := &file_ferry_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4194,7 +4340,7 @@ func (x *ListGroupsResult) String() string {
 func (*ListGroupsResult) ProtoMessage() {}
 
 func (x *ListGroupsResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[54]
+	mi := &file_ferry_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4207,7 +4353,7 @@ func (x *ListGroupsResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListGroupsResult.ProtoReflect.Descriptor instead.
 func (*ListGroupsResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{54}
+	return file_ferry_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ListGroupsResult) GetGroups() []*GroupInfo {
@@ -4240,7 +4386,7 @@ type GroupSend struct {
 
 func (x *GroupSend) Reset() {
 	*x = GroupSend{}
-	mi := &file_ferry_proto_msgTypes[55]
+	mi := &file_ferry_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4252,7 +4398,7 @@ func (x *GroupSend) String() string {
 func (*GroupSend) ProtoMessage() {}
 
 func (x *GroupSend) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[55]
+	mi := &file_ferry_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4265,7 +4411,7 @@ func (x *GroupSend) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GroupSend.ProtoReflect.Descriptor instead.
 func (*GroupSend) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{55}
+	return file_ferry_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *GroupSend) GetClientMsgId() string {
@@ -4324,7 +4470,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_ferry_proto_msgTypes[56]
+	mi := &file_ferry_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4336,7 +4482,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[56]
+	mi := &file_ferry_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4349,7 +4495,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{56}
+	return file_ferry_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -4404,7 +4550,7 @@ type DeviceRef struct {
 
 func (x *DeviceRef) Reset() {
 	*x = DeviceRef{}
-	mi := &file_ferry_proto_msgTypes[57]
+	mi := &file_ferry_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4416,7 +4562,7 @@ func (x *DeviceRef) String() string {
 func (*DeviceRef) ProtoMessage() {}
 
 func (x *DeviceRef) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[57]
+	mi := &file_ferry_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4429,7 +4575,7 @@ func (x *DeviceRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceRef.ProtoReflect.Descriptor instead.
 func (*DeviceRef) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{57}
+	return file_ferry_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *DeviceRef) GetUsername() string {
@@ -4461,7 +4607,7 @@ type DeviceMismatch struct {
 
 func (x *DeviceMismatch) Reset() {
 	*x = DeviceMismatch{}
-	mi := &file_ferry_proto_msgTypes[58]
+	mi := &file_ferry_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4473,7 +4619,7 @@ func (x *DeviceMismatch) String() string {
 func (*DeviceMismatch) ProtoMessage() {}
 
 func (x *DeviceMismatch) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[58]
+	mi := &file_ferry_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4486,7 +4632,7 @@ func (x *DeviceMismatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceMismatch.ProtoReflect.Descriptor instead.
 func (*DeviceMismatch) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{58}
+	return file_ferry_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *DeviceMismatch) GetMissing() []*DeviceRef {
@@ -4527,7 +4673,7 @@ type Content struct {
 
 func (x *Content) Reset() {
 	*x = Content{}
-	mi := &file_ferry_proto_msgTypes[59]
+	mi := &file_ferry_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4539,7 +4685,7 @@ func (x *Content) String() string {
 func (*Content) ProtoMessage() {}
 
 func (x *Content) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[59]
+	mi := &file_ferry_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4552,7 +4698,7 @@ func (x *Content) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Content.ProtoReflect.Descriptor instead.
 func (*Content) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{59}
+	return file_ferry_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *Content) GetText() string {
@@ -4601,7 +4747,7 @@ type SenderKeyDistribution struct {
 
 func (x *SenderKeyDistribution) Reset() {
 	*x = SenderKeyDistribution{}
-	mi := &file_ferry_proto_msgTypes[60]
+	mi := &file_ferry_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4613,7 +4759,7 @@ func (x *SenderKeyDistribution) String() string {
 func (*SenderKeyDistribution) ProtoMessage() {}
 
 func (x *SenderKeyDistribution) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[60]
+	mi := &file_ferry_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4626,7 +4772,7 @@ func (x *SenderKeyDistribution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SenderKeyDistribution.ProtoReflect.Descriptor instead.
 func (*SenderKeyDistribution) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{60}
+	return file_ferry_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *SenderKeyDistribution) GetGroupId() string {
@@ -4654,7 +4800,7 @@ type HistoryChunk struct {
 
 func (x *HistoryChunk) Reset() {
 	*x = HistoryChunk{}
-	mi := &file_ferry_proto_msgTypes[61]
+	mi := &file_ferry_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4666,7 +4812,7 @@ func (x *HistoryChunk) String() string {
 func (*HistoryChunk) ProtoMessage() {}
 
 func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[61]
+	mi := &file_ferry_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4679,7 +4825,7 @@ func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryChunk.ProtoReflect.Descriptor instead.
 func (*HistoryChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{61}
+	return file_ferry_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *HistoryChunk) GetMessages() []*HistoryMessage {
@@ -4714,7 +4860,7 @@ type HistoryMessage struct {
 
 func (x *HistoryMessage) Reset() {
 	*x = HistoryMessage{}
-	mi := &file_ferry_proto_msgTypes[62]
+	mi := &file_ferry_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4726,7 +4872,7 @@ func (x *HistoryMessage) String() string {
 func (*HistoryMessage) ProtoMessage() {}
 
 func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[62]
+	mi := &file_ferry_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4739,7 +4885,7 @@ func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryMessage.ProtoReflect.Descriptor instead.
 func (*HistoryMessage) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{62}
+	return file_ferry_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *HistoryMessage) GetPeer() string {
@@ -4816,7 +4962,8 @@ var File_ferry_proto protoreflect.FileDescriptor
 
 const file_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\vferry.proto\x12\rferry.wire.v1\"\xce\t\n" +
+	"\vferry.proto\x12\rferry.wire.v1\"\x86\n" +
+	"\n" +
 	"\vClientFrame\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x05hello\x18\x02 \x01(\v2\x14.ferry.wire.v1.HelloH\x00R\x05hello\x125\n" +
@@ -4844,12 +4991,14 @@ const file_ferry_proto_rawDesc = "" +
 	"\vlist_groups\x18\x14 \x01(\v2\x19.ferry.wire.v1.ListGroupsH\x00R\n" +
 	"listGroups\x129\n" +
 	"\n" +
-	"group_send\x18\x15 \x01(\v2\x18.ferry.wire.v1.GroupSendH\x00R\tgroupSendB\x06\n" +
+	"group_send\x18\x15 \x01(\v2\x18.ferry.wire.v1.GroupSendH\x00R\tgroupSend\x126\n" +
+	"\tmark_read\x18\x16 \x01(\v2\x17.ferry.wire.v1.MarkReadH\x00R\bmarkReadB\x06\n" +
 	"\x04body\"z\n" +
 	"\vServerFrame\x125\n" +
 	"\bresponse\x18\x01 \x01(\v2\x17.ferry.wire.v1.ResponseH\x00R\bresponse\x12,\n" +
 	"\x05event\x18\x02 \x01(\v2\x14.ferry.wire.v1.EventH\x00R\x05eventB\x06\n" +
-	"\x04body\"\xca\t\n" +
+	"\x04body\"\x88\n" +
+	"\n" +
 	"\bResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12*\n" +
 	"\x05error\x18\x02 \x01(\v2\x14.ferry.wire.v1.ErrorR\x05error\x122\n" +
@@ -4876,7 +5025,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\vlist_groups\x18\x1a \x01(\v2\x1f.ferry.wire.v1.ListGroupsResultH\x00R\n" +
 	"listGroups\x12:\n" +
 	"\n" +
-	"group_send\x18\x1b \x01(\v2\x19.ferry.wire.v1.SendResultH\x00R\tgroupSendB\b\n" +
+	"group_send\x18\x1b \x01(\v2\x19.ferry.wire.v1.SendResultH\x00R\tgroupSend\x12<\n" +
+	"\tmark_read\x18\x1c \x01(\v2\x1d.ferry.wire.v1.MarkReadResultH\x00R\bmarkReadB\b\n" +
 	"\x06result\"\x86\x02\n" +
 	"\x05Event\x125\n" +
 	"\benvelope\x18\x01 \x01(\v2\x17.ferry.wire.v1.EnvelopeH\x00R\benvelope\x12<\n" +
@@ -4983,14 +5133,20 @@ const file_ferry_proto_rawDesc = "" +
 	"\areceipt\x18\n" +
 	" \x01(\v2\x16.ferry.wire.v1.ReceiptR\areceipt\x12\x19\n" +
 	"\bgroup_id\x18\v \x01(\tR\agroupId\x12.\n" +
-	"\x05group\x18\f \x01(\v2\x18.ferry.wire.v1.GroupInfoR\x05group\"\xb8\x01\n" +
+	"\x05group\x18\f \x01(\v2\x18.ferry.wire.v1.GroupInfoR\x05group\"\xd3\x01\n" +
 	"\aReceipt\x12.\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1a.ferry.wire.v1.ReceiptKindR\x04kind\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x1b\n" +
 	"\tdevice_id\x18\x03 \x01(\rR\bdeviceId\x12\x0e\n" +
 	"\x02to\x18\x04 \x01(\tR\x02to\x12\x10\n" +
 	"\x03seq\x18\x05 \x01(\x04R\x03seq\x12\"\n" +
-	"\rclient_msg_id\x18\x06 \x01(\tR\vclientMsgId\"\f\n" +
+	"\rclient_msg_id\x18\x06 \x01(\tR\vclientMsgId\x12\x19\n" +
+	"\bgroup_id\x18\a \x01(\tR\agroupId\"K\n" +
+	"\bMarkRead\x12\x12\n" +
+	"\x04peer\x18\x01 \x01(\tR\x04peer\x12\x19\n" +
+	"\bgroup_id\x18\x02 \x01(\tR\agroupId\x12\x10\n" +
+	"\x03seq\x18\x03 \x01(\x04R\x03seq\"\x10\n" +
+	"\x0eMarkReadResult\"\f\n" +
 	"\n" +
 	"QueueEmpty\"6\n" +
 	"\n" +
@@ -5155,10 +5311,11 @@ const file_ferry_proto_rawDesc = "" +
 	"\x12SENDER_KEY_MESSAGE\x10\x04\x12\v\n" +
 	"\aRECEIPT\x10\n" +
 	"\x12\x10\n" +
-	"\fGROUP_UPDATE\x10\v*:\n" +
+	"\fGROUP_UPDATE\x10\v*D\n" +
 	"\vReceiptKind\x12\x1c\n" +
 	"\x18RECEIPT_KIND_UNSPECIFIED\x10\x00\x12\r\n" +
-	"\tDELIVERED\x10\x01*\xf6\x04\n" +
+	"\tDELIVERED\x10\x01\x12\b\n" +
+	"\x04READ\x10\x02*\xf6\x04\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vBAD_REQUEST\x10\x01\x12\x17\n" +
@@ -5208,7 +5365,7 @@ func file_ferry_proto_rawDescGZIP() []byte {
 }
 
 var file_ferry_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
 var file_ferry_proto_goTypes = []any{
 	(EnvelopeType)(0),               // 0: ferry.wire.v1.EnvelopeType
 	(ReceiptKind)(0),                // 1: ferry.wire.v1.ReceiptKind
@@ -5241,42 +5398,44 @@ var file_ferry_proto_goTypes = []any{
 	(*AckResult)(nil),               // 28: ferry.wire.v1.AckResult
 	(*Envelope)(nil),                // 29: ferry.wire.v1.Envelope
 	(*Receipt)(nil),                 // 30: ferry.wire.v1.Receipt
-	(*QueueEmpty)(nil),              // 31: ferry.wire.v1.QueueEmpty
-	(*PrekeysLow)(nil),              // 32: ferry.wire.v1.PrekeysLow
-	(*DeviceList)(nil),              // 33: ferry.wire.v1.DeviceList
-	(*DeviceListEntry)(nil),         // 34: ferry.wire.v1.DeviceListEntry
-	(*SignedDeviceList)(nil),        // 35: ferry.wire.v1.SignedDeviceList
-	(*PublishDeviceList)(nil),       // 36: ferry.wire.v1.PublishDeviceList
-	(*PublishDeviceListResult)(nil), // 37: ferry.wire.v1.PublishDeviceListResult
-	(*GetDeviceList)(nil),           // 38: ferry.wire.v1.GetDeviceList
-	(*GetDeviceListResult)(nil),     // 39: ferry.wire.v1.GetDeviceListResult
-	(*LinkStart)(nil),               // 40: ferry.wire.v1.LinkStart
-	(*LinkStartResult)(nil),         // 41: ferry.wire.v1.LinkStartResult
-	(*GetLink)(nil),                 // 42: ferry.wire.v1.GetLink
-	(*GetLinkResult)(nil),           // 43: ferry.wire.v1.GetLinkResult
-	(*ApproveLink)(nil),             // 44: ferry.wire.v1.ApproveLink
-	(*ApproveLinkResult)(nil),       // 45: ferry.wire.v1.ApproveLinkResult
-	(*LinkApproved)(nil),            // 46: ferry.wire.v1.LinkApproved
-	(*LinkMaterial)(nil),            // 47: ferry.wire.v1.LinkMaterial
-	(*RemoveDevice)(nil),            // 48: ferry.wire.v1.RemoveDevice
-	(*RemoveDeviceResult)(nil),      // 49: ferry.wire.v1.RemoveDeviceResult
-	(*SyncToDevice)(nil),            // 50: ferry.wire.v1.SyncToDevice
-	(*GroupInfo)(nil),               // 51: ferry.wire.v1.GroupInfo
-	(*GroupMember)(nil),             // 52: ferry.wire.v1.GroupMember
-	(*GroupDevice)(nil),             // 53: ferry.wire.v1.GroupDevice
-	(*GroupCreate)(nil),             // 54: ferry.wire.v1.GroupCreate
-	(*GroupChange)(nil),             // 55: ferry.wire.v1.GroupChange
-	(*GetGroup)(nil),                // 56: ferry.wire.v1.GetGroup
-	(*ListGroups)(nil),              // 57: ferry.wire.v1.ListGroups
-	(*ListGroupsResult)(nil),        // 58: ferry.wire.v1.ListGroupsResult
-	(*GroupSend)(nil),               // 59: ferry.wire.v1.GroupSend
-	(*Error)(nil),                   // 60: ferry.wire.v1.Error
-	(*DeviceRef)(nil),               // 61: ferry.wire.v1.DeviceRef
-	(*DeviceMismatch)(nil),          // 62: ferry.wire.v1.DeviceMismatch
-	(*Content)(nil),                 // 63: ferry.wire.v1.Content
-	(*SenderKeyDistribution)(nil),   // 64: ferry.wire.v1.SenderKeyDistribution
-	(*HistoryChunk)(nil),            // 65: ferry.wire.v1.HistoryChunk
-	(*HistoryMessage)(nil),          // 66: ferry.wire.v1.HistoryMessage
+	(*MarkRead)(nil),                // 31: ferry.wire.v1.MarkRead
+	(*MarkReadResult)(nil),          // 32: ferry.wire.v1.MarkReadResult
+	(*QueueEmpty)(nil),              // 33: ferry.wire.v1.QueueEmpty
+	(*PrekeysLow)(nil),              // 34: ferry.wire.v1.PrekeysLow
+	(*DeviceList)(nil),              // 35: ferry.wire.v1.DeviceList
+	(*DeviceListEntry)(nil),         // 36: ferry.wire.v1.DeviceListEntry
+	(*SignedDeviceList)(nil),        // 37: ferry.wire.v1.SignedDeviceList
+	(*PublishDeviceList)(nil),       // 38: ferry.wire.v1.PublishDeviceList
+	(*PublishDeviceListResult)(nil), // 39: ferry.wire.v1.PublishDeviceListResult
+	(*GetDeviceList)(nil),           // 40: ferry.wire.v1.GetDeviceList
+	(*GetDeviceListResult)(nil),     // 41: ferry.wire.v1.GetDeviceListResult
+	(*LinkStart)(nil),               // 42: ferry.wire.v1.LinkStart
+	(*LinkStartResult)(nil),         // 43: ferry.wire.v1.LinkStartResult
+	(*GetLink)(nil),                 // 44: ferry.wire.v1.GetLink
+	(*GetLinkResult)(nil),           // 45: ferry.wire.v1.GetLinkResult
+	(*ApproveLink)(nil),             // 46: ferry.wire.v1.ApproveLink
+	(*ApproveLinkResult)(nil),       // 47: ferry.wire.v1.ApproveLinkResult
+	(*LinkApproved)(nil),            // 48: ferry.wire.v1.LinkApproved
+	(*LinkMaterial)(nil),            // 49: ferry.wire.v1.LinkMaterial
+	(*RemoveDevice)(nil),            // 50: ferry.wire.v1.RemoveDevice
+	(*RemoveDeviceResult)(nil),      // 51: ferry.wire.v1.RemoveDeviceResult
+	(*SyncToDevice)(nil),            // 52: ferry.wire.v1.SyncToDevice
+	(*GroupInfo)(nil),               // 53: ferry.wire.v1.GroupInfo
+	(*GroupMember)(nil),             // 54: ferry.wire.v1.GroupMember
+	(*GroupDevice)(nil),             // 55: ferry.wire.v1.GroupDevice
+	(*GroupCreate)(nil),             // 56: ferry.wire.v1.GroupCreate
+	(*GroupChange)(nil),             // 57: ferry.wire.v1.GroupChange
+	(*GetGroup)(nil),                // 58: ferry.wire.v1.GetGroup
+	(*ListGroups)(nil),              // 59: ferry.wire.v1.ListGroups
+	(*ListGroupsResult)(nil),        // 60: ferry.wire.v1.ListGroupsResult
+	(*GroupSend)(nil),               // 61: ferry.wire.v1.GroupSend
+	(*Error)(nil),                   // 62: ferry.wire.v1.Error
+	(*DeviceRef)(nil),               // 63: ferry.wire.v1.DeviceRef
+	(*DeviceMismatch)(nil),          // 64: ferry.wire.v1.DeviceMismatch
+	(*Content)(nil),                 // 65: ferry.wire.v1.Content
+	(*SenderKeyDistribution)(nil),   // 66: ferry.wire.v1.SenderKeyDistribution
+	(*HistoryChunk)(nil),            // 67: ferry.wire.v1.HistoryChunk
+	(*HistoryMessage)(nil),          // 68: ferry.wire.v1.HistoryMessage
 }
 var file_ferry_proto_depIdxs = []int32{
 	8,  // 0: ferry.wire.v1.ClientFrame.hello:type_name -> ferry.wire.v1.Hello
@@ -5287,78 +5446,80 @@ var file_ferry_proto_depIdxs = []int32{
 	25, // 5: ferry.wire.v1.ClientFrame.send:type_name -> ferry.wire.v1.Send
 	27, // 6: ferry.wire.v1.ClientFrame.ack:type_name -> ferry.wire.v1.Ack
 	19, // 7: ferry.wire.v1.ClientFrame.key_status:type_name -> ferry.wire.v1.KeyStatus
-	36, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
-	38, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
-	40, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
-	42, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
-	44, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
-	48, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
-	50, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
-	54, // 15: ferry.wire.v1.ClientFrame.group_create:type_name -> ferry.wire.v1.GroupCreate
-	55, // 16: ferry.wire.v1.ClientFrame.group_change:type_name -> ferry.wire.v1.GroupChange
-	56, // 17: ferry.wire.v1.ClientFrame.get_group:type_name -> ferry.wire.v1.GetGroup
-	57, // 18: ferry.wire.v1.ClientFrame.list_groups:type_name -> ferry.wire.v1.ListGroups
-	59, // 19: ferry.wire.v1.ClientFrame.group_send:type_name -> ferry.wire.v1.GroupSend
-	6,  // 20: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
-	7,  // 21: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
-	60, // 22: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
-	9,  // 23: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
-	12, // 24: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
-	14, // 25: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
-	18, // 26: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
-	23, // 27: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
-	26, // 28: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
-	28, // 29: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
-	20, // 30: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
-	37, // 31: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
-	39, // 32: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
-	41, // 33: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
-	43, // 34: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
-	45, // 35: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
-	49, // 36: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
-	26, // 37: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
-	51, // 38: ferry.wire.v1.Response.group:type_name -> ferry.wire.v1.GroupInfo
-	58, // 39: ferry.wire.v1.Response.list_groups:type_name -> ferry.wire.v1.ListGroupsResult
-	26, // 40: ferry.wire.v1.Response.group_send:type_name -> ferry.wire.v1.SendResult
-	29, // 41: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
-	31, // 42: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
-	32, // 43: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
-	46, // 44: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
-	10, // 45: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
-	16, // 46: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	15, // 47: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
-	16, // 48: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	15, // 49: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
-	22, // 50: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
-	0,  // 51: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
-	24, // 52: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
-	0,  // 53: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
-	30, // 54: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
-	51, // 55: ferry.wire.v1.Envelope.group:type_name -> ferry.wire.v1.GroupInfo
-	1,  // 56: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
-	34, // 57: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
-	35, // 58: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
-	35, // 59: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
-	0,  // 60: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
-	52, // 61: ferry.wire.v1.GroupInfo.members:type_name -> ferry.wire.v1.GroupMember
-	53, // 62: ferry.wire.v1.GroupMember.devices:type_name -> ferry.wire.v1.GroupDevice
-	3,  // 63: ferry.wire.v1.GroupChange.op:type_name -> ferry.wire.v1.GroupChange.Op
-	51, // 64: ferry.wire.v1.ListGroupsResult.groups:type_name -> ferry.wire.v1.GroupInfo
-	0,  // 65: ferry.wire.v1.GroupSend.type:type_name -> ferry.wire.v1.EnvelopeType
-	2,  // 66: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
-	62, // 67: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
-	51, // 68: ferry.wire.v1.Error.group:type_name -> ferry.wire.v1.GroupInfo
-	61, // 69: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
-	61, // 70: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
-	61, // 71: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
-	65, // 72: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
-	64, // 73: ferry.wire.v1.Content.sender_key:type_name -> ferry.wire.v1.SenderKeyDistribution
-	66, // 74: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
-	75, // [75:75] is the sub-list for method output_type
-	75, // [75:75] is the sub-list for method input_type
-	75, // [75:75] is the sub-list for extension type_name
-	75, // [75:75] is the sub-list for extension extendee
-	0,  // [0:75] is the sub-list for field type_name
+	38, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
+	40, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
+	42, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
+	44, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
+	46, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
+	50, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
+	52, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
+	56, // 15: ferry.wire.v1.ClientFrame.group_create:type_name -> ferry.wire.v1.GroupCreate
+	57, // 16: ferry.wire.v1.ClientFrame.group_change:type_name -> ferry.wire.v1.GroupChange
+	58, // 17: ferry.wire.v1.ClientFrame.get_group:type_name -> ferry.wire.v1.GetGroup
+	59, // 18: ferry.wire.v1.ClientFrame.list_groups:type_name -> ferry.wire.v1.ListGroups
+	61, // 19: ferry.wire.v1.ClientFrame.group_send:type_name -> ferry.wire.v1.GroupSend
+	31, // 20: ferry.wire.v1.ClientFrame.mark_read:type_name -> ferry.wire.v1.MarkRead
+	6,  // 21: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
+	7,  // 22: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
+	62, // 23: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
+	9,  // 24: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
+	12, // 25: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
+	14, // 26: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
+	18, // 27: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
+	23, // 28: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
+	26, // 29: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
+	28, // 30: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
+	20, // 31: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
+	39, // 32: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
+	41, // 33: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
+	43, // 34: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
+	45, // 35: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
+	47, // 36: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
+	51, // 37: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
+	26, // 38: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
+	53, // 39: ferry.wire.v1.Response.group:type_name -> ferry.wire.v1.GroupInfo
+	60, // 40: ferry.wire.v1.Response.list_groups:type_name -> ferry.wire.v1.ListGroupsResult
+	26, // 41: ferry.wire.v1.Response.group_send:type_name -> ferry.wire.v1.SendResult
+	32, // 42: ferry.wire.v1.Response.mark_read:type_name -> ferry.wire.v1.MarkReadResult
+	29, // 43: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
+	33, // 44: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
+	34, // 45: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
+	48, // 46: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
+	10, // 47: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
+	16, // 48: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	15, // 49: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
+	16, // 50: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	15, // 51: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
+	22, // 52: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
+	0,  // 53: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
+	24, // 54: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
+	0,  // 55: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
+	30, // 56: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
+	53, // 57: ferry.wire.v1.Envelope.group:type_name -> ferry.wire.v1.GroupInfo
+	1,  // 58: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
+	36, // 59: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
+	37, // 60: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
+	37, // 61: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
+	0,  // 62: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
+	54, // 63: ferry.wire.v1.GroupInfo.members:type_name -> ferry.wire.v1.GroupMember
+	55, // 64: ferry.wire.v1.GroupMember.devices:type_name -> ferry.wire.v1.GroupDevice
+	3,  // 65: ferry.wire.v1.GroupChange.op:type_name -> ferry.wire.v1.GroupChange.Op
+	53, // 66: ferry.wire.v1.ListGroupsResult.groups:type_name -> ferry.wire.v1.GroupInfo
+	0,  // 67: ferry.wire.v1.GroupSend.type:type_name -> ferry.wire.v1.EnvelopeType
+	2,  // 68: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
+	64, // 69: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
+	53, // 70: ferry.wire.v1.Error.group:type_name -> ferry.wire.v1.GroupInfo
+	63, // 71: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
+	63, // 72: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
+	63, // 73: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
+	67, // 74: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
+	66, // 75: ferry.wire.v1.Content.sender_key:type_name -> ferry.wire.v1.SenderKeyDistribution
+	68, // 76: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
+	77, // [77:77] is the sub-list for method output_type
+	77, // [77:77] is the sub-list for method input_type
+	77, // [77:77] is the sub-list for extension type_name
+	77, // [77:77] is the sub-list for extension extendee
+	0,  // [0:77] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -5387,6 +5548,7 @@ func file_ferry_proto_init() {
 		(*ClientFrame_GetGroup)(nil),
 		(*ClientFrame_ListGroups)(nil),
 		(*ClientFrame_GroupSend)(nil),
+		(*ClientFrame_MarkRead)(nil),
 	}
 	file_ferry_proto_msgTypes[1].OneofWrappers = []any{
 		(*ServerFrame_Response)(nil),
@@ -5411,6 +5573,7 @@ func file_ferry_proto_init() {
 		(*Response_Group)(nil),
 		(*Response_ListGroups)(nil),
 		(*Response_GroupSend)(nil),
+		(*Response_MarkRead)(nil),
 	}
 	file_ferry_proto_msgTypes[3].OneofWrappers = []any{
 		(*Event_Envelope)(nil),
@@ -5424,7 +5587,7 @@ func file_ferry_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   63,
+			NumMessages:   65,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
