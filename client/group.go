@@ -278,3 +278,45 @@ func (c *Client) GroupHistory(ctx context.Context, nameOrID string) ([]localstor
 	}
 	return c.st.History(ctx, "", g.GroupId)
 }
+
+// MarkRead tells the other side (and this account's other devices) that
+// the conversation with peer, or the group, is read up to its newest
+// message here. It returns that seq (0: nothing to mark).
+func (c *Client) MarkRead(ctx context.Context, nameOrPeer string, group bool) (uint64, error) {
+	conn, err := c.connect(ctx, true)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close()
+	m := &wirepb.MarkRead{Peer: nameOrPeer}
+	var h []localstore.Message
+	if group {
+		g, err := c.resolveGroup(ctx, conn, nameOrPeer)
+		if err != nil {
+			return 0, err
+		}
+		m = &wirepb.MarkRead{GroupId: g.GroupId}
+		h, err = c.st.History(ctx, "", g.GroupId)
+		if err != nil {
+			return 0, err
+		}
+	} else if h, err = c.st.History(ctx, nameOrPeer, ""); err != nil {
+		return 0, err
+	}
+	for _, x := range h {
+		m.Seq = max(m.Seq, x.Seq)
+	}
+	if m.Seq == 0 {
+		return 0, nil
+	}
+	if _, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_MarkRead{MarkRead: m}}); err != nil {
+		return 0, fmt.Errorf("client: mark read: %w", err)
+	}
+	return m.Seq, nil
+}
+
+// HasGroup reports whether a group of that name or id is known here.
+func (c *Client) HasGroup(ctx context.Context, nameOrID string) bool {
+	g, err := c.localGroup(ctx, nameOrID)
+	return err == nil && g != nil
+}

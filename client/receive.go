@@ -194,11 +194,16 @@ func (c *Client) handleEnvelope(ctx context.Context, conn *Conn, env *wirepb.Env
 		if r == nil {
 			return nil
 		}
+		// An "up to seq" marker: everything of ours in that conversation up
+		// to r.Seq was delivered to (or read by) r.Username.
 		peer := r.To
 		if peer == c.username {
 			peer = r.Username
 		}
-		if _, err := c.st.MarkDelivered(ctx, peer, r.ClientMsgId); err != nil {
+		if r.GroupId != "" {
+			peer = ""
+		}
+		if _, err := c.st.MarkUpTo(ctx, peer, r.GroupId, r.Seq, r.Kind == wirepb.ReceiptKind_READ); err != nil {
 			return err
 		}
 		if handle != nil {

@@ -321,7 +321,7 @@ func TestMigrateFromV1(t *testing.T) {
 	}
 	defer s.Close()
 	var v int
-	if err := s.db.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil || v != 2 {
+	if err := s.db.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil || v != SchemaVersion {
 		t.Fatalf("user_version %d %v", v, err)
 	}
 	if u, _, _ := s.GetSetting(ctx, SettingUsername); string(u) != "alice" {

@@ -25,6 +25,7 @@ type Message struct {
 	EnvelopeID   uint64 // the envelope it came in; 0 for this device's own sends
 	Delivered    bool   // ✓✓ for outgoing: a recipient device acked it
 	Failed       bool   // the envelope could not be decrypted; Text is empty
+	Read         bool   // outgoing: read by the other side (up-to-seq READ marker)
 	// HistoryChunk and Imported are set (not stored) on what
 	// e2ee.Device.Receive returns for a history chunk from another device of
 	// this account: it is no message itself; Imported messages were added.
@@ -41,7 +42,7 @@ type Message struct {
 var ErrInvalidMessage = errors.New("localstore: invalid message")
 
 const messageColumns = `local_id, peer, grp, outgoing, sender, sender_device, seq, server_time_ms, text,
-	client_msg_id, envelope_id, delivered, failed`
+	client_msg_id, envelope_id, delivered, failed, read`
 
 func timeToMs(t time.Time) int64 {
 	if t.IsZero() {
@@ -217,9 +218,32 @@ func scanMessage(rows *sql.Rows) (Message, error) {
 	var m Message
 	var seq, ms, env int64
 	err := rows.Scan(&m.LocalID, &m.Peer, &m.Group, &m.Outgoing, &m.Sender, &m.SenderDevice, &seq, &ms,
-		&m.Text, &m.ClientMsgID, &env, &m.Delivered, &m.Failed)
+		&m.Text, &m.ClientMsgID, &env, &m.Delivered, &m.Failed, &m.Read)
 	m.Seq, m.ServerTime, m.EnvelopeID = uint64(seq), msToTime(ms), uint64(env)
 	return m, err
+}
+
+// MarkUpTo applies an "up to seq" receipt marker: this account's outgoing
+// messages in the conversation (peer for 1:1 with group "", or the group)
+// with seq <= seq become delivered, and with read also read. It returns how
+// many rows changed.
+func (s *Store) MarkUpTo(ctx context.Context, peer, group string, seq uint64, read bool) (int, error) {
+	set := "delivered = 1"
+	if read {
+		set = "delivered = 1, read = 1"
+	}
+	where := "peer = ? AND grp = ''"
+	arg := peer
+	if group != "" {
+		where, arg = "grp = ?", group
+	}
+	res, err := s.db.ExecContext(ctx, `UPDATE messages SET `+set+` WHERE `+where+
+		` AND outgoing = 1 AND seq <= ? AND seq > 0 AND (delivered = 0 OR (? AND read = 0))`, arg, int64(seq), read)
+	if err != nil {
+		return 0, fmt.Errorf("localstore: mark up to seq: %w", err)
+	}
+	n, err := res.RowsAffected()
+	return int(n), err
 }
 
 // MarkDelivered marks this account's outgoing 1:1 messages to peer with the

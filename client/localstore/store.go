@@ -34,7 +34,7 @@ import (
 
 // SchemaVersion is the schema version Open migrates a file to (SQLite's
 // PRAGMA user_version).
-const SchemaVersion = 2
+const SchemaVersion = 3
 
 // BusyTimeout is how long a statement waits for a lock another connection
 // (or process) holds before failing with SQLITE_BUSY.
@@ -225,6 +225,10 @@ CREATE TABLE groups (
 CREATE INDEX groups_by_name ON groups(name, updated_ms);
 
 CREATE INDEX messages_by_group ON messages(grp, seq, local_id);
+`,
+	// 2 -> 3: read marks (receipts are "up to seq" markers)
+	`
+ALTER TABLE messages ADD COLUMN read INTEGER NOT NULL DEFAULT 0;
 `,
 }
 

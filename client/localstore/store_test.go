@@ -504,3 +504,33 @@ func TestImportHistorySkipsKnownMessages(t *testing.T) {
 		t.Fatalf("history %v", got)
 	}
 }
+
+// Receipt markers mark every own message up to a seq, per conversation.
+func TestMarkUpTo(t *testing.T) {
+	ctx := context.Background()
+	s, _ := open(t)
+	for i, peer := range []string{"bob", "bob", "bob", "carol"} {
+		if _, err := s.AddOutgoing(ctx, Message{Peer: peer, Sender: "alice", SenderDevice: 1, Seq: uint64(i + 1),
+			Text: "x", ClientMsgID: fmt.Sprint("m", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, err := s.MarkUpTo(ctx, "bob", "", 2, false); err != nil || n != 2 {
+		t.Fatalf("delivered up to 2: %d %v", n, err)
+	}
+	if n, _ := s.MarkUpTo(ctx, "bob", "", 2, false); n != 0 {
+		t.Fatalf("marking again changed %d rows", n)
+	}
+	if n, _ := s.MarkUpTo(ctx, "bob", "", 3, true); n != 3 {
+		t.Fatalf("read up to 3 changed %d rows, want 3", n)
+	}
+	h, _ := s.History(ctx, "bob", "")
+	for _, m := range h {
+		if !m.Delivered || !m.Read {
+			t.Fatalf("%+v not delivered and read", m)
+		}
+	}
+	if h, _ := s.History(ctx, "carol", ""); h[0].Delivered {
+		t.Fatal("a marker for bob marked carol's conversation")
+	}
+}

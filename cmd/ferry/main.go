@@ -45,6 +45,7 @@ commands:
   group send NAME TEXT|-       send TEXT to the group; exits 0 after ✓
   group info NAME [--json]     the group's members and devices
   group history NAME [--json]  the local history of a group
+  read [--group] NAME          mark the conversation with NAME (or group NAME) read
   link                         make this home a new device of an existing account:
                                prints a link code, waits until the primary approves it
   devices list [--json]        this account's devices (from its verified signed list)
@@ -109,6 +110,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		err = cmdLink(ctx, c, rest, stdout)
 	case "group":
 		err = cmdGroup(ctx, c, rest, stdin, stdout)
+	case "read":
+		err = cmdRead(ctx, c, rest, stdout)
 	case "devices":
 		err = cmdDevices(ctx, c, rest, stdout)
 	default:
@@ -237,6 +240,7 @@ type jsonLine struct {
 	ClientMsgID string `json:"client_msg_id"`
 	Outgoing    bool   `json:"outgoing,omitempty"`
 	Delivered   bool   `json:"delivered,omitempty"`
+	Read        bool   `json:"read,omitempty"`
 	Failed      bool   `json:"failed,omitempty"`
 }
 
@@ -249,7 +253,7 @@ func messageLine(c *client.Client, m *localstore.Message) jsonLine {
 	}
 	return jsonLine{Type: "message", ID: m.EnvelopeID, From: m.Sender, FromDevice: m.SenderDevice, To: m.Peer,
 		Group: group, Seq: m.Seq, Text: m.Text, ServerTime: m.ServerTime.UTC().Format(time.RFC3339Nano),
-		ClientMsgID: m.ClientMsgID, Outgoing: m.Outgoing, Delivered: m.Delivered, Failed: m.Failed}
+		ClientMsgID: m.ClientMsgID, Outgoing: m.Outgoing, Delivered: m.Delivered, Read: m.Read, Failed: m.Failed}
 }
 
 func cmdRecv(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
@@ -280,8 +284,18 @@ func cmdRecv(ctx context.Context, c *client.Client, args []string, out io.Writer
 			printMessage(out, c, ev.Message)
 		case ev.Receipt != nil && *asJSON:
 			r := ev.Receipt
-			_ = enc.Encode(jsonLine{Type: "delivered", From: r.Username, FromDevice: r.DeviceId, To: r.To,
-				Seq: r.Seq, ClientMsgID: r.ClientMsgId})
+			kind := "delivered"
+			if r.Kind == wirepb.ReceiptKind_READ {
+				kind = "read"
+			}
+			group := ""
+			if r.GroupId != "" {
+				if group = c.GroupName(ctx, r.GroupId); group == "" {
+					group = r.GroupId
+				}
+			}
+			_ = enc.Encode(jsonLine{Type: kind, From: r.Username, FromDevice: r.DeviceId, To: r.To,
+				Group: group, Seq: r.Seq})
 		}
 	}
 	return c.Receive(ctx, opts)
@@ -311,6 +325,9 @@ func printMessage(out io.Writer, c *client.Client, m *localstore.Message) {
 		mark = " ✓"
 		if m.Delivered {
 			mark = " ✓✓"
+		}
+		if m.Read {
+			mark = " ✓✓ read"
 		}
 	}
 	fmt.Fprintf(out, "[%s #%d] %s: %s%s\n", m.ServerTime.Local().Format("2006-01-02 15:04:05"), m.Seq, who, text, mark)
@@ -550,4 +567,31 @@ func cmdGroup(ctx context.Context, c *client.Client, args []string, stdin io.Rea
 	default:
 		return usageError(usage)
 	}
+}
+
+func cmdRead(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("read", flag.ContinueOnError)
+	group := fs.Bool("group", false, "NAME is a group")
+	pos, err := parseArgs(fs, args)
+	if err != nil || len(pos) != 1 {
+		return usageError("usage: ferry read [--group] NAME")
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if !*group && c.HasGroup(ctx, pos[0]) {
+		// A group of that name, and no 1:1 conversation with it: the group.
+		if h, err := c.History(ctx, pos[0]); err == nil && len(h) == 0 {
+			*group = true
+		}
+	}
+	seq, err := c.MarkRead(ctx, pos[0], *group)
+	if err != nil {
+		return err
+	}
+	if seq == 0 {
+		fmt.Fprintf(out, "nothing to mark read with %s\n", pos[0])
+		return nil
+	}
+	fmt.Fprintf(out, "read up to seq %d\n", seq)
+	return nil
 }

@@ -79,3 +79,53 @@ func TestBlackBoxGroups(t *testing.T) {
 		t.Fatalf("a removed member could send: %q", errs)
 	}
 }
+
+// Receipts are "up to seq N" markers: however many messages, a sender gets
+// one delivered and one read line per reader device and conversation.
+func TestBlackBoxReceiptsAreMarkers(t *testing.T) {
+	srv := startServer(t, t.TempDir())
+	alice := register(t, srv, "alice")
+	bob := register(t, srv, "bob")
+	carol := register(t, srv, "carol")
+
+	for i := range 5 {
+		mustFerry(t, alice, "send", "bob", fmt.Sprint("dm-", i))
+	}
+	mustFerry(t, bob, "recv")
+	mustFerry(t, bob, "read", "alice")
+	got := parseLines(t, mustFerry(t, alice, "recv", "--json"))
+	kinds := map[string][]uint64{}
+	for _, l := range got {
+		kinds[l.Type] = append(kinds[l.Type], l.Seq)
+	}
+	if fmt.Sprint(kinds["delivered"]) != "[5]" || fmt.Sprint(kinds["read"]) != "[5]" {
+		t.Fatalf("1:1 receipts %v, want one delivered and one read marker at seq 5", kinds)
+	}
+	if h := mustFerry(t, alice, "history", "bob"); strings.Count(h, "✓✓ read") != 5 {
+		t.Fatalf("alice's history does not show all 5 read:\n%s", h)
+	}
+
+	mustFerry(t, alice, "group", "create", "team", "bob", "carol")
+	for i := range 5 {
+		mustFerry(t, alice, "group", "send", "team", fmt.Sprint("g-", i))
+	}
+	mustFerry(t, bob, "recv")
+	mustFerry(t, carol, "recv")
+	mustFerry(t, bob, "read", "team")
+	got = parseLines(t, mustFerry(t, alice, "recv", "--json"))
+	readers := map[string]map[string]uint64{"delivered": {}, "read": {}}
+	lines := 0
+	for _, l := range got {
+		if l.Group == "" || (l.Type != "delivered" && l.Type != "read") {
+			continue
+		}
+		if l.Group != "team" {
+			t.Fatalf("receipt for group %q, want team", l.Group)
+		}
+		lines++
+		readers[l.Type][l.From] = l.Seq
+	}
+	if lines != 3 || readers["delivered"]["bob"] != 5 || readers["delivered"]["carol"] != 5 || readers["read"]["bob"] != 5 {
+		t.Fatalf("group receipts: %d lines, %v; want delivered from bob and carol and read from bob, each at seq 5", lines, readers)
+	}
+}
