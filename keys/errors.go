@@ -1,8 +1,6 @@
 package keys
 
 import (
-	"fmt"
-
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
 )
@@ -38,15 +36,8 @@ var (
 // errf returns a fresh *wire.Error with sentinel's code and retryability
 // and a "keys: "-prefixed formatted message.
 func errf(sentinel *wire.Error, format string, args ...any) *wire.Error {
-	return &wire.Error{
-		Code:      sentinel.Code,
-		Retryable: sentinel.Retryable,
-		Message:   "keys: " + fmt.Sprintf(format, args...),
-	}
+	return sentinel.Newf("keys: "+format, args...)
 }
 
 // fresh returns a copy of sentinel that a caller may keep or change.
-func fresh(sentinel *wire.Error) *wire.Error {
-	c := *sentinel
-	return &c
-}
+func fresh(sentinel *wire.Error) *wire.Error { return sentinel.Clone() }

@@ -288,3 +288,15 @@ func GroupViewHash(g *wirepb.GroupInfo, sender DeviceAddr) []byte {
 	}
 	return h.Sum(nil)
 }
+
+// Newf returns a new *Error with e's code and retryability and a formatted
+// message: packages define sentinels and hand out fresh, specific copies.
+func (e *Error) Newf(format string, args ...any) *Error {
+	return &Error{Code: e.Code, Retryable: e.Retryable, Message: fmt.Sprintf(format, args...)}
+}
+
+// Clone returns a copy of e that the caller may keep or change.
+func (e *Error) Clone() *Error {
+	c := *e
+	return &c
+}
