@@ -185,7 +185,16 @@ type devState struct {
 	gone     map[uint64]bool                // entries deleted in this group
 	dedup    map[string]*storepb.SendRecord // records written (or deleted: nil) in this group, by client msg id
 	bodies   []uint64                       // bodies referred to by entries appended to it in this group
+	markers  map[string]*marker             // marker index entries read or written in this group, by key (nil: none)
 	notified bool
+}
+
+// marker is a device's marker index entry for one coalescing key as this
+// group leaves it.
+type marker struct {
+	id, seq uint64
+	size    int  // the entry's size, if fresh
+	fresh   bool // the entry was appended in this group (it is not in Pebble)
 }
 
 // counter is an 8-byte big-endian counter key (a conversation sequence or
@@ -605,7 +614,7 @@ func (g *group) ack(dev wire.DeviceAddr, ids []uint64, follow map[uint64][]Entry
 		fe = append(fe, follow[id]...)
 		fv = append(fv, vals[id]...)
 	}
-	puts, err := g.plan(len(fe), func(i int) (wire.DeviceAddr, []byte) { return fe[i].To, fv[i] }, 0, bodyRef{}, false)
+	fp, err := g.planFollow(fe, fv)
 	if err != nil {
 		return nil, err
 	}
@@ -613,9 +622,167 @@ func (g *group) ack(dev wire.DeviceAddr, ids []uint64, follow map[uint64][]Entry
 	for i, id := range deleted {
 		g.deleteEntry(ds, id, stored[i])
 	}
-	g.write(puts)
+	g.writeFollow(fp)
 	g.count.acked += len(deleted)
 	return deleted, nil
+}
+
+// appendMarkers is the op of AppendMarkers.
+func (g *group) appendMarkers(es []Entry, vals [][]byte) (int, error) {
+	fp, err := g.planFollow(es, vals)
+	if err != nil {
+		return 0, err
+	}
+	// Validated: from here on the op only writes.
+	g.writeFollow(fp)
+	return len(fp.puts), nil
+}
+
+// followPlan is the plan of server-made entries (receipts): puts[:plain]
+// are ordinary entries, puts[plain:] the markers of marks, in order.
+type followPlan struct {
+	puts  []put
+	plain int
+	marks []markerWrite
+}
+
+// markerWrite is a marker an op appends and the entry it replaces.
+type markerWrite struct {
+	ds     *devState
+	key    string
+	seq    uint64
+	i      int  // the entry's index in the op's entries
+	hasOld bool // an entry to delete: oldID
+	oldID  uint64
+	old    storedEntry
+}
+
+// planFollow plans server-made entries es (marshaled as vals) without
+// quotas or seq: ordinary entries are appended; of the markers, only the
+// highest seq per device and key counts, and it is skipped if that key's
+// present entry has a seq at least as high. It only reads.
+func (g *group) planFollow(es []Entry, vals [][]byte) (*followPlan, error) {
+	var plain []int
+	type mk struct {
+		to  wire.DeviceAddr
+		key string
+	}
+	pos := make(map[mk]int)
+	var cand []markerWrite
+	for i, e := range es {
+		if e.Coalesce == "" {
+			plain = append(plain, i)
+			continue
+		}
+		seq := e.Env.GetReceipt().GetSeq()
+		k := mk{e.To, e.Coalesce}
+		if j, ok := pos[k]; ok {
+			if seq > cand[j].seq {
+				cand[j].seq, cand[j].i = seq, i
+			}
+			continue
+		}
+		pos[k] = len(cand)
+		cand = append(cand, markerWrite{key: e.Coalesce, seq: seq, i: i})
+	}
+	marks := cand[:0]
+	for _, w := range cand {
+		ds, err := g.dev(es[w.i].To)
+		if err != nil {
+			return nil, err
+		}
+		w.ds = ds
+		m, err := g.marker(ds, w.key)
+		if err != nil {
+			return nil, err
+		}
+		if m != nil {
+			e, ok, err := g.markerEntry(ds, m)
+			if err != nil {
+				return nil, err
+			}
+			if ok {
+				if m.seq >= w.seq && !g.s.expired(e.timeMs, g.now) {
+					continue // the pending marker already says as much
+				}
+				if err := g.loadBody(e.bodyID); err != nil {
+					return nil, err
+				}
+				w.hasOld, w.oldID, w.old = true, m.id, e
+			}
+		}
+		marks = append(marks, w)
+	}
+	n := len(plain) + len(marks)
+	puts, err := g.plan(n, func(i int) (wire.DeviceAddr, []byte) {
+		j := 0
+		if i < len(plain) {
+			j = plain[i]
+		} else {
+			j = marks[i-len(plain)].i
+		}
+		return es[j].To, vals[j]
+	}, 0, bodyRef{}, false)
+	if err != nil {
+		return nil, err
+	}
+	return &followPlan{puts: puts, plain: len(plain), marks: marks}, nil
+}
+
+// writeFollow applies a followPlan: it deletes the markers' replaced
+// entries (unless gone already), writes the entries and points the marker
+// index at the new ones.
+func (g *group) writeFollow(p *followPlan) {
+	for _, w := range p.marks {
+		if w.hasOld && !w.ds.gone[w.oldID] {
+			g.deleteEntry(w.ds, w.oldID, w.old)
+		}
+	}
+	g.write(p.puts)
+	for k, w := range p.marks {
+		pt := p.puts[p.plain+k]
+		v := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(make([]byte, 0, 16), pt.id), w.seq)
+		g.set(markerKey(w.ds.addr, w.key), v)
+		w.ds.markers[w.key] = &marker{id: pt.id, seq: w.seq, size: pt.size, fresh: true}
+	}
+}
+
+// marker returns the marker index entry of key for ds (nil: none), reading
+// it on first use.
+func (g *group) marker(ds *devState, key string) (*marker, error) {
+	if m, ok := ds.markers[key]; ok {
+		return m, nil
+	}
+	var m *marker
+	if !ds.wiped {
+		v, closer, err := g.s.db.Get(markerKey(ds.addr, key))
+		if err != nil && !errors.Is(err, pebble.ErrNotFound) {
+			return nil, storageErr("get marker", err)
+		}
+		if err == nil {
+			if len(v) == 16 { // anything else is damaged: overwritten
+				m = &marker{id: binary.BigEndian.Uint64(v[:8]), seq: binary.BigEndian.Uint64(v[8:])}
+			}
+			closer.Close()
+		}
+	}
+	if ds.markers == nil {
+		ds.markers = make(map[string]*marker)
+	}
+	ds.markers[key] = m
+	return m, nil
+}
+
+// markerEntry reports whether the entry m points to is present, like entry,
+// but also for an entry appended earlier in this group.
+func (g *group) markerEntry(ds *devState, m *marker) (storedEntry, bool, error) {
+	if m.fresh {
+		if ds.gone[m.id] {
+			return storedEntry{}, false, nil
+		}
+		return storedEntry{size: m.size, timeMs: g.now}, true, nil
+	}
+	return g.entry(ds, m.id)
 }
 
 // deleteDevice is the op of DeleteDevice. Entries that refer to a shared
@@ -664,6 +831,7 @@ func (g *group) deleteDevice(dev wire.DeviceAddr) error {
 	}
 	g.deleteRange(devPrefix(prefixInbox, dev))
 	g.deleteRange(devPrefix(prefixDedup, dev))
+	g.deleteRange(devPrefix(prefixMarker, dev))
 	g.del(metaKey(dev))
 	notified := ds != nil && ds.notified
 	g.devs[dev] = &devState{addr: dev, meta: &storepb.InboxMeta{}, wiped: true, notified: notified}

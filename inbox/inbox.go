@@ -22,6 +22,14 @@
 //	'c'                                          last body id, 8 bytes big-endian
 //	'c' body_id(8) 'b'                           shared envelope (without id, seq, time)
 //	'c' body_id(8) 'r'                           storepb.BodyRefs (entries referring to the body)
+//	'x' username 0x00 device(4) coalesce_key     marker index: entry id(8), receipt seq(8)
+//
+// Markers (Entry.Coalesce) are RECEIPT entries that say "up to seq N": a
+// device holds at most one pending marker per coalescing key. Appending a
+// marker whose key already has a present entry with a seq at least as high
+// writes nothing; otherwise the old entry is deleted (as an ack would) and
+// the new one appended, in the same batch. So N acks of one sender's
+// messages leave its devices one marker, not N receipts.
 //
 // Group messages (AppendGroup) store their envelope once: the body (the
 // envelope but its id, seq and time: content, or the GroupInfo of a
@@ -226,9 +234,15 @@ func (s *Store) Close() error {
 // SenderDevice, To, Type, Content, ClientMsgId and Receipt of Env; the
 // stored copy gets Id, Seq and ServerTimeMs from the store (values the
 // caller set there are overridden). Env itself is not modified.
+//
+// Coalesce, if not "", makes the entry a marker: Env.Receipt must be set,
+// and To keeps at most one pending entry per Coalesce key, the one with the
+// highest Receipt.Seq (see the package doc). Markers skip quotas and get no
+// conversation seq.
 type Entry struct {
-	To  wire.DeviceAddr
-	Env *wirepb.Envelope
+	To       wire.DeviceAddr
+	Env      *wirepb.Envelope
+	Coalesce string
 }
 
 // Send is one message: its envelopes for every recipient device.
@@ -336,11 +350,11 @@ func (s *Store) AppendGroup(ctx context.Context, m GroupAppend) (Accepted, error
 
 // Ack deletes the entries ids of dev; ids that are not present are ignored
 // (acks are idempotent). For each id it actually deletes, the entries in
-// follow[id] (receipts to the sender's devices) are appended in the same
-// batch, with ids and time but no seq and without quota checks. It returns
-// the deleted ids. The commit is not synced on its own: losing an ack in a
-// crash only causes a redelivery, which devices drop by id, and the receipt
-// is lost or kept together with the delete.
+// follow[id] (receipts to the sender's devices, usually markers) are
+// appended in the same batch, with ids and time but no seq and without
+// quota checks; markers coalesce as AppendMarkers does. It returns the
+// deleted ids. Like every commit it is synced before readers see it; the
+// receipts are kept or lost together with the delete.
 func (s *Store) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]Entry) ([]uint64, error) {
 	vals := make(map[uint64][][]byte, len(follow))
 	for id, es := range follow {
@@ -361,9 +375,40 @@ func (s *Store) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, foll
 	return deleted, nil
 }
 
-// DeleteDevice removes every entry, the meta and the dedup records of dev,
-// in one synced commit. A later Append to dev starts again at id 1, so the
-// caller must not reuse a deleted device's id (the account layer never does).
+// AppendMarkers appends markers (every entry must have Coalesce and
+// Env.Receipt set) in one synced commit, without quotas or seq. A marker
+// whose key already has a present entry with a seq at least as high is
+// skipped; otherwise it replaces that entry. Of several entries with the
+// same device and key, only the one with the highest seq counts. It returns
+// how many entries it wrote.
+func (s *Store) AppendMarkers(ctx context.Context, entries []Entry) (int, error) {
+	for i, e := range entries {
+		if e.Coalesce == "" {
+			return 0, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: entry %d for %s is not a marker", i, e.To)
+		}
+	}
+	vals, err := marshalEntries(entries)
+	if err != nil {
+		return 0, err
+	}
+	if len(entries) == 0 {
+		return 0, nil
+	}
+	var n int
+	err = s.do(ctx, func(g *group) (err error) {
+		n, err = g.appendMarkers(entries, vals)
+		return err
+	})
+	if err != nil {
+		return 0, err
+	}
+	return n, nil
+}
+
+// DeleteDevice removes every entry, the meta, the marker index and the
+// dedup records of dev, in one synced commit. A later Append to dev starts
+// again at id 1, so the caller must not reuse a deleted device's id (the
+// account layer never does).
 func (s *Store) DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error {
 	return s.do(ctx, func(g *group) error { return g.deleteDevice(dev) })
 }
@@ -553,6 +598,9 @@ func marshalEntries(es []Entry) ([][]byte, error) {
 	for i, e := range es {
 		if e.Env == nil {
 			return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: entry %d for %s has no envelope", i, e.To)
+		}
+		if e.Coalesce != "" && e.Env.Receipt == nil {
+			return nil, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: marker %d for %s has no receipt", i, e.To)
 		}
 		env := e.Env
 		if len(env.ProtoReflect().GetUnknown()) > 0 {

@@ -16,6 +16,7 @@ const (
 	prefixSeq    = store.PrefixConvSeq
 	prefixDedup  = store.PrefixDedup
 	prefixBody   = store.PrefixGroupBody
+	prefixMarker = store.PrefixMarker
 	entryIDBytes = 8
 )
 
@@ -55,6 +56,11 @@ func metaKey(dev wire.DeviceAddr) []byte { return devPrefix(prefixMeta, dev) }
 
 func dedupKey(sender wire.DeviceAddr, clientMsgID string) []byte {
 	return append(devPrefix(prefixDedup, sender), clientMsgID...)
+}
+
+// markerKey is the index of a device's pending marker for a coalescing key.
+func markerKey(dev wire.DeviceAddr, key string) []byte {
+	return append(devPrefix(prefixMarker, dev), key...)
 }
 
 func seqKey(conversation string) []byte {

@@ -72,7 +72,7 @@ type delivered struct {
 	seq          uint64
 	clientMsgID  string
 	typ          wirepb.EnvelopeType
-	group        bool // a group message or update
+	groupID      string // a group message or update
 }
 
 func newConn(s *Server, ws *websocket.Conn, remote string) *conn {
@@ -334,7 +334,7 @@ func (c *conn) pump() {
 				e := it.Env
 				c.mu.Lock()
 				c.inflight[it.ID] = delivered{sender: e.Sender, senderDevice: e.SenderDevice, to: e.To,
-					seq: e.Seq, clientMsgID: e.ClientMsgId, typ: e.Type, group: e.GroupId != ""}
+					seq: e.Seq, clientMsgID: e.ClientMsgId, typ: e.Type, groupID: e.GroupId}
 				c.mu.Unlock()
 				if !c.sendEvent(&wirepb.Event{Body: &wirepb.Event_Envelope{Envelope: e}}) {
 					return

@@ -39,6 +39,7 @@ type Inbox interface {
 	Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]inbox.Item, error)
 	Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (*wirepb.Envelope, error)
 	Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]inbox.Entry) ([]uint64, error)
+	AppendMarkers(ctx context.Context, entries []inbox.Entry) (int, error)
 	DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error
 }
 

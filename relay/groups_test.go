@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"maps"
 	"slices"
 	"testing"
 	"time"
@@ -67,6 +68,38 @@ func quiet(t *testing.T, c *client.Conn, who string) {
 	}
 }
 
+// nextNonReceipt waits for the next envelope on c that is not a receipt
+// marker, acking the markers on the way.
+func nextNonReceipt(t *testing.T, c *client.Conn) *wirepb.Envelope {
+	t.Helper()
+	for {
+		env := nextEnvelope(t, c)
+		if env.Type != wirepb.EnvelopeType_RECEIPT {
+			return env
+		}
+		ack(t, c, env.Id)
+	}
+}
+
+// expectMarkers reads the envelopes arriving on c until it is quiet: they
+// must be DELIVERED markers of group, and the newest per reader device
+// must be want (reader device: seq). It acks them.
+func expectMarkers(t *testing.T, c *client.Conn, who, group string, want map[wire.DeviceAddr]uint64) {
+	t.Helper()
+	got := map[wire.DeviceAddr]uint64{}
+	for _, env := range settle(t, c) {
+		r := env.Receipt
+		if env.Type != wirepb.EnvelopeType_RECEIPT || r.GetKind() != wirepb.ReceiptKind_DELIVERED || r.GroupId != group {
+			t.Fatalf("%s got %v, want DELIVERED markers", who, env)
+		}
+		got[wire.DeviceAddr{Account: r.Username, Device: r.DeviceId}] = r.Seq
+		ack(t, c, env.Id)
+	}
+	if !maps.Equal(got, want) {
+		t.Fatalf("%s got markers %v, want %v", who, got, want)
+	}
+}
+
 // memberNames lists a GroupInfo's members as "name", or "name*" for an admin.
 func memberNames(g *wirepb.GroupInfo) []string {
 	out := []string{}
@@ -84,7 +117,7 @@ func memberNames(g *wirepb.GroupInfo) []string {
 // GROUP_UPDATE want, made by from.
 func expectUpdate(t *testing.T, c *client.Conn, who string, from wire.DeviceAddr, want *wirepb.GroupInfo) *wirepb.Envelope {
 	t.Helper()
-	env := nextEnvelope(t, c)
+	env := nextNonReceipt(t, c)
 	if env.Type != wirepb.EnvelopeType_GROUP_UPDATE || env.GroupId != want.GroupId || env.Sender != from.Account ||
 		env.SenderDevice != from.Device || env.Seq != 0 || len(env.Content) != 0 || env.ClientMsgId != "" {
 		t.Fatalf("%s: update envelope %v", who, env)
@@ -248,7 +281,7 @@ func TestGroupFull(t *testing.T) {
 // group message content from from with seq.
 func recvGroupMessage(t *testing.T, c *client.Conn, who string, from wire.DeviceAddr, groupID, clientMsgID, content string, seq uint64) {
 	t.Helper()
-	env := nextEnvelope(t, c)
+	env := nextNonReceipt(t, c)
 	if env.Type != wirepb.EnvelopeType_SENDER_KEY_MESSAGE || env.GroupId != groupID || env.Sender != from.Account ||
 		env.SenderDevice != from.Device || env.Seq != seq || string(env.Content) != content || env.ClientMsgId != clientMsgID ||
 		env.To != "" || env.Group != nil || env.ServerTimeMs == 0 || len(env.ProtoReflect().GetUnknown()) != 0 {
@@ -281,8 +314,9 @@ func TestGroupSend(t *testing.T) {
 	for who, c := range map[string]*client.Conn{"alice2": a2, "bob": bc, "carol": cc} {
 		recvGroupMessage(t, c, who, alice.addr(), g.GroupId, "m1", "ct-1", 1)
 	}
-	// (That also shows that the acks made no per-message receipts.)
-	quiet(t, a1, "alice1")
+	// The acks left alice's devices one DELIVERED marker per reader device
+	// (none from alice2: it is her own).
+	expectMarkers(t, a1, "alice1", g.GroupId, map[wire.DeviceAddr]uint64{bob.addr(): 1, {Account: "carol", Device: 1}: 1})
 
 	// A retry is deduplicated: same result, nothing new stored.
 	r2, err := groupSendAs(t, a1, alice.addr(), "m1", g, "ct-1")
@@ -296,7 +330,7 @@ func TestGroupSend(t *testing.T) {
 	for who, c := range map[string]*client.Conn{"alice1": a1, "alice2": a2, "carol": cc} {
 		recvGroupMessage(t, c, who, bob.addr(), g.GroupId, "b1", "ct-2", 2)
 	}
-	quiet(t, bc, "bob")
+	expectMarkers(t, bc, "bob", g.GroupId, map[wire.DeviceAddr]uint64{alice.addr(): 2, alice2.addr(): 2, {Account: "carol", Device: 1}: 2})
 
 	// A stale membership version: GROUP_STALE with the current membership.
 	old := proto.CloneOf(g)
@@ -368,7 +402,7 @@ func TestGroupSend(t *testing.T) {
 		recvGroupMessage(t, c, who, alice.addr(), g.GroupId, "m3", "ct-4", 4)
 	}
 	quiet(t, cc, "carol")
-	quiet(t, a1, "alice1")
+	expectMarkers(t, a1, "alice1", g.GroupId, map[wire.DeviceAddr]uint64{bob.addr(): 4, bob2.addr(): 4})
 	if n := groupBodies(t, e.db); n != 0 {
 		t.Errorf("%d bodies left after every device acked", n)
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/ferryhq/ferry/device"
+	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
@@ -249,6 +250,11 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 			res = &wirepb.Response{Result: &wirepb.Response_GroupSend{GroupSend: r}}
 			defer func() { c.s.metrics.groupSendAck.Observe(time.Since(start).Seconds()) }()
 		}
+	case *wirepb.ClientFrame_MarkRead:
+		kind = "mark_read"
+		if err = c.markRead(ctx, b.MarkRead); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_MarkRead{MarkRead: &wirepb.MarkReadResult{}}}
+		}
 	default:
 		kind, err = "unknown", wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "unknown request")
 	}
@@ -426,9 +432,13 @@ func checkDevices(sender wire.DeviceAddr, to, self *storepb.Account, cts []*wire
 	return e
 }
 
-// ack deletes acked envelopes and queues a delivered receipt (✓✓) for every
-// device of each 1:1 message's sender, in the same batch as the delete.
-// Group messages, group updates and device-to-device syncs get none.
+// ack deletes acked envelopes and, in the same batch, leaves every device
+// of each message's sender a DELIVERED marker ("delivered up to seq N" from
+// this device, per conversation; see docs/protocol.md, "Receipts"). Each
+// acked message's markers go under its own id, so only messages the ack
+// actually deletes count; the inbox keeps one pending marker per (sender
+// device, conversation, reader device), the highest. Receipts, group
+// updates, sync copies of own sends and device-to-device syncs get none.
 func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error) {
 	if len(a.EnvelopeIds) == 0 {
 		return &wirepb.AckResult{}, nil
@@ -451,15 +461,9 @@ func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error
 				return nil, err
 			}
 			d = delivered{sender: env.Sender, senderDevice: env.SenderDevice, to: env.To, seq: env.Seq,
-				clientMsgID: env.ClientMsgId, typ: env.Type, group: env.GroupId != ""}
+				clientMsgID: env.ClientMsgId, typ: env.Type, groupID: env.GroupId}
 		}
-		if d.typ == wirepb.EnvelopeType_RECEIPT || d.sender == "" || d.sender == c.addr.Account || d.seq == 0 {
-			continue // receipts, sync copies of own sends and device-to-device syncs get no receipt
-		}
-		if d.group {
-			// One receipt per group message per device would be the receipt
-			// storm of a large group; "read up to seq N" markers replace it
-			// (issue 4, next round). Until then group messages get none.
+		if !receiptable(d, c.addr.Account) {
 			continue
 		}
 		devs, ok := senders[d.sender]
@@ -472,14 +476,18 @@ func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error
 			}
 			senders[d.sender] = devs
 		}
+		conv := groupConversation(d.groupID)
+		r := &wirepb.Receipt{Kind: wirepb.ReceiptKind_DELIVERED, Username: c.addr.Account,
+			DeviceId: c.addr.Device, GroupId: d.groupID, Seq: d.seq}
+		if d.groupID == "" {
+			conv = conversationKey(d.sender, d.to)
+			r.To = d.to
+		}
+		env := &wirepb.Envelope{Sender: c.addr.Account, SenderDevice: c.addr.Device, To: r.To,
+			Type: wirepb.EnvelopeType_RECEIPT, Receipt: r}
+		key := markerKey(wirepb.ReceiptKind_DELIVERED, conv, c.addr.String())
 		for _, dv := range devs {
-			follow[id] = append(follow[id], inbox.Entry{
-				To: wire.DeviceAddr{Account: d.sender, Device: dv.Id},
-				Env: &wirepb.Envelope{Sender: c.addr.Account, SenderDevice: c.addr.Device, To: d.to,
-					Type: wirepb.EnvelopeType_RECEIPT, ClientMsgId: d.clientMsgID,
-					Receipt: &wirepb.Receipt{Kind: wirepb.ReceiptKind_DELIVERED, Username: c.addr.Account,
-						DeviceId: c.addr.Device, To: d.to, Seq: d.seq, ClientMsgId: d.clientMsgID}},
-			})
+			follow[id] = append(follow[id], inbox.Entry{To: wire.DeviceAddr{Account: d.sender, Device: dv.Id}, Env: env, Coalesce: key})
 		}
 	}
 	deleted, err := c.s.deps.Inbox.Ack(ctx, c.addr, a.EnvelopeIds, follow)
@@ -497,6 +505,89 @@ func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error
 		c.s.metrics.receipts.Add(float64(len(follow[id])))
 	}
 	return &wirepb.AckResult{Deleted: uint32(len(deleted))}, nil
+}
+
+// receiptable reports whether acking d makes a DELIVERED marker for its
+// sender: a 1:1 or group message from another account, with a seq.
+func receiptable(d delivered, self string) bool {
+	switch d.typ {
+	case wirepb.EnvelopeType_SIGNAL_MESSAGE, wirepb.EnvelopeType_PREKEY_SIGNAL_MESSAGE, wirepb.EnvelopeType_SENDER_KEY_MESSAGE:
+	default:
+		return false // receipts and group updates
+	}
+	return d.sender != "" && d.sender != self && d.seq > 0 // not sync copies or device-to-device syncs
+}
+
+// markerKey is the coalescing key of a receipt marker: its kind, the
+// conversation ("d:a:b" or "g:" + group id) and the reader (a device for
+// DELIVERED, an account for READ). Usernames and group ids never contain '|'.
+func markerKey(kind wirepb.ReceiptKind, conv, reader string) string {
+	return kind.String() + "|" + conv + "|" + reader
+}
+
+// markRead leaves READ markers ("read up to seq N" by this account, marked
+// on this device) for the other side of a conversation and for this
+// account's other devices: 1:1, every device of the peer; group, every
+// device of every other member. One pending marker per (device,
+// conversation, reader account) is kept, the highest.
+func (c *conn) markRead(ctx context.Context, m *wirepb.MarkRead) error {
+	if (m.Peer == "") == (m.GroupId == "") {
+		return wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: mark_read names exactly one of peer and group_id")
+	}
+	if m.Seq == 0 {
+		return wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: mark_read needs a seq")
+	}
+	r := &wirepb.Receipt{Kind: wirepb.ReceiptKind_READ, Username: c.addr.Account, DeviceId: c.addr.Device,
+		To: m.Peer, GroupId: m.GroupId, Seq: m.Seq}
+	var conv string
+	var to []wire.DeviceAddr
+	if m.GroupId != "" {
+		if _, err := group.ParseID(m.GroupId); err != nil {
+			return err
+		}
+		g, err := c.memberGroup(ctx, m.GroupId)
+		if err != nil {
+			return err
+		}
+		info, err := c.s.groupInfo(ctx, g)
+		if err != nil {
+			return err
+		}
+		conv = groupConversation(m.GroupId)
+		to = memberDevices(info) // the other members' and this account's devices
+	} else {
+		if err := device.ValidateUsername(m.Peer); err != nil {
+			return err
+		}
+		conv = conversationKey(c.addr.Account, m.Peer)
+		for _, name := range []string{m.Peer, c.addr.Account} {
+			acct, err := c.s.deps.Accounts.Account(ctx, name)
+			if err != nil {
+				return err
+			}
+			for _, d := range acct.Devices {
+				to = append(to, wire.DeviceAddr{Account: name, Device: d.Id})
+			}
+		}
+	}
+	env := &wirepb.Envelope{Sender: c.addr.Account, SenderDevice: c.addr.Device, To: m.Peer,
+		Type: wirepb.EnvelopeType_RECEIPT, Receipt: r}
+	key := markerKey(wirepb.ReceiptKind_READ, conv, c.addr.Account)
+	seen := make(map[wire.DeviceAddr]bool, len(to))
+	var es []inbox.Entry
+	for _, d := range to {
+		if d == c.addr || seen[d] {
+			continue
+		}
+		seen[d] = true
+		es = append(es, inbox.Entry{To: d, Env: env, Coalesce: key})
+	}
+	n, err := c.s.deps.Inbox.AppendMarkers(ctx, es)
+	if err != nil {
+		return err
+	}
+	c.s.metrics.receipts.Add(float64(n))
+	return nil
 }
 
 func encodeEvent(e *wirepb.Event) ([]byte, error) {

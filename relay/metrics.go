@@ -43,7 +43,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		acked: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_envelopes_acked_total",
 			Help: "Envelopes deleted by device acks."}),
 		receipts: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_receipts_total",
-			Help: "Delivered receipts queued for senders."}),
+			Help: "Receipt markers offered to devices (delivered: per acked message, before the inbox coalesces them; read: as written)."}),
 		queueEmpty: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_queue_empty_total",
 			Help: "QueueEmpty events sent."}),
 		groupUpdates: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_group_updates_total",

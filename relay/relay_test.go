@@ -175,9 +175,10 @@ func TestSendDeliverAckReceipt(t *testing.T) {
 	if n := ack(t, bc, env.Id); n != 0 {
 		t.Fatalf("second ack deleted %d, acks must be idempotent", n)
 	}
+	// alice gets a DELIVERED marker: bob.1 has everything up to seq 1.
 	rc := nextEnvelope(t, ac)
-	if rc.Type != wirepb.EnvelopeType_RECEIPT || rc.Receipt.GetKind() != wirepb.ReceiptKind_DELIVERED ||
-		rc.Receipt.Username != "bob" || rc.Receipt.Seq != 1 || rc.Receipt.ClientMsgId != "m1" {
+	if rc.Type != wirepb.EnvelopeType_RECEIPT || rc.Sender != "bob" || rc.SenderDevice != 1 || rc.To != "bob" ||
+		!isMarker(rc.Receipt, wirepb.ReceiptKind_DELIVERED, wire.DeviceAddr{Account: "bob", Device: 1}, "bob", "", 1) {
 		t.Fatalf("receipt %+v", rc)
 	}
 	// The reply continues the conversation's sequence.

@@ -16,12 +16,19 @@
 //	'c'                                             inbox:   last group body id (8 bytes)
 //	'c' body_id(8) 'b'                              inbox:   shared group envelope (wirepb.Envelope without id, seq, time)
 //	'c' body_id(8) 'r'                              inbox:   BodyRefs (entries still referring to the body)
+//	'x' username 0x00 device(4) coalesce_key        inbox:   marker index: entry id(8) and receipt seq(8)
 //	'g' 'r' group_id(16)                            group:   Group record (storepb.Group)
 //	'g' 'u' username 0x00 group_id(16)              group:   empty: index of a member's groups
 //
 // An inbox entry ('i') of a group message or GROUP_UPDATE holds only its
 // id, seq and time, followed by a storepb.EntryBodyRef naming the shared
 // envelope; that is stored once per message, not per device.
+//
+// A marker index key ('x') names the one pending coalesced receipt of a
+// device for a coalescing key (receipt kind, conversation, reader): a newer
+// marker with a higher seq replaces that entry instead of adding one. It
+// may point to an entry that was acked or expired; the next marker
+// overwrites it.
 //
 // Nothing else is stored: no plaintext, no history, no contact lists.
 package store
@@ -46,6 +53,7 @@ const (
 	PrefixDedup      = 'd'
 	PrefixGroupBody  = 'c'
 	PrefixGroup      = 'g'
+	PrefixMarker     = 'x'
 )
 
 // ErrOpen wraps every failure to open the database.

@@ -633,7 +633,7 @@ func TestGroupsAfterMigrationFromV1(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, q := range []string{`DROP TABLE sender_keys`, `DROP TABLE groups`, `DROP INDEX messages_by_group`,
+	for _, q := range []string{`DROP TABLE sender_keys`, `DROP TABLE groups`, `DROP INDEX messages_by_group`, `ALTER TABLE messages DROP COLUMN read`,
 		`PRAGMA user_version = 1`} {
 		if _, err := db.Exec(q); err != nil {
 			t.Fatal(err)
