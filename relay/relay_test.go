@@ -14,7 +14,6 @@ import (
 
 	"github.com/ferryhq/ferry/client"
 	"github.com/ferryhq/ferry/device"
-	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/keys"
 	"github.com/ferryhq/ferry/store"
@@ -35,31 +34,7 @@ type env struct {
 
 func newEnv(t *testing.T, cfg Config) *env {
 	t.Helper()
-	if cfg.Logger == nil {
-		cfg.Logger = slog.New(slog.DiscardHandler)
-	}
-	db, err := store.OpenMem()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var srv *Server
-	ib, err := inbox.New(db, inbox.Options{OnAppend: func(d []wire.DeviceAddr) { srv.OnAppend(d) }, SweepInterval: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	accts := device.New(db, device.Options{})
-	srv = New(cfg, Deps{Accounts: accts, Prekeys: keys.New(db, keys.Options{}), Inbox: ib,
-		Groups: group.New(db, accts, group.Options{})})
-	hs := httptest.NewServer(srv.Handler())
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(ctx)
-		hs.Close()
-		ib.Close()
-		db.Close()
-	})
-	return &env{t: t, srv: srv, http: hs, inbox: ib}
+	return newDevEnv(t, cfg, device.Options{}).env
 }
 
 func (e *env) url() string { return "ws" + strings.TrimPrefix(e.http.URL, "http") }
