@@ -27,6 +27,7 @@ import (
 
 	"github.com/ferryhq/ferry/client"
 	"github.com/ferryhq/ferry/client/localstore"
+	"github.com/ferryhq/ferry/testvectors"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
 )
@@ -46,6 +47,7 @@ commands:
   group info NAME [--json]     the group's members and devices
   group history NAME [--json]  the local history of a group
   read [--group] NAME          mark the conversation with NAME (or group NAME) read
+  vectors verify DIR           check the test vectors in DIR (exit 1 on any mismatch)
   link                         make this home a new device of an existing account:
                                prints a link code, waits until the primary approves it
   devices list [--json]        this account's devices (from its verified signed list)
@@ -75,6 +77,9 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if fs.NArg() == 0 {
 		fs.Usage()
 		return 2
+	}
+	if fs.Arg(0) == "vectors" {
+		return cmdVectors(fs.Args()[1:], stdout, stderr)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -594,4 +599,32 @@ func cmdRead(ctx context.Context, c *client.Client, args []string, out io.Writer
 	}
 	fmt.Fprintf(out, "read up to seq %d\n", seq)
 	return nil
+}
+
+// cmdVectors runs the auditors' test vectors (testvectors/) against this
+// implementation. It needs no device.
+func cmdVectors(args []string, out, errw io.Writer) int {
+	if len(args) != 2 || args[0] != "verify" {
+		fmt.Fprintln(errw, "usage: ferry vectors verify DIR")
+		return 2
+	}
+	results, err := testvectors.VerifyDir(args[1])
+	if err != nil {
+		fmt.Fprintln(errw, "ferry:", err)
+		return 1
+	}
+	failed := 0
+	for _, r := range results {
+		status := "ok  "
+		if !r.OK {
+			status = "FAIL"
+			failed++
+		}
+		fmt.Fprintf(out, "%s %s: expect %s, got %s\n", status, r.Path, r.Expect, r.Got)
+	}
+	fmt.Fprintf(out, "%d vectors, %d failed\n", len(results), failed)
+	if failed > 0 || len(results) == 0 {
+		return 1
+	}
+	return 0
 }

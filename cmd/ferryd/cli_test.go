@@ -96,3 +96,36 @@ func writeSelfSigned(t *testing.T, certFile, keyFile string) *x509.CertPool {
 	pool.AddCert(cert)
 	return pool
 }
+
+// `ferry vectors verify` passes on the committed vectors and fails when
+// any one byte of a vector changes.
+func TestBlackBoxVectorsVerify(t *testing.T) {
+	dir := t.TempDir()
+	if out, err := exec.Command("cp", "-r", "../../testvectors/devicelist", dir).CombinedOutput(); err != nil {
+		t.Fatalf("copy vectors: %v %s", err, out)
+	}
+	if out, errs, code := ferry(t, t.TempDir(), "vectors", "verify", dir); code != 0 || !strings.Contains(out, " 0 failed") {
+		t.Fatalf("committed vectors: exit %d\n%s%s", code, out, errs)
+	}
+	p := filepath.Join(dir, "devicelist", "valid-tofu.json")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := strings.Index(string(b), `"signature": "`)
+	if i < 0 {
+		t.Fatalf("no signature field in %s", p)
+	}
+	i += len(`"signature": "`)
+	if b[i] == '0' {
+		b[i] = '1'
+	} else {
+		b[i] = '0'
+	}
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, _, code := ferry(t, t.TempDir(), "vectors", "verify", dir); code != 1 || !strings.Contains(out, "FAIL") {
+		t.Fatalf("a changed vector passed: exit %d\n%s", code, out)
+	}
+}
