@@ -9,6 +9,7 @@
 package main
 
 import (
+	"bufio"
 	"cmp"
 	"context"
 	"crypto/ed25519"
@@ -18,8 +19,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/http"
+	"net/url"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -41,15 +46,17 @@ func run(args []string) error {
 		return err
 	}
 	if fs.NArg() == 0 {
-		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]\n       ferry-bench --server URL drain [--messages K] [--size B] [--json]")
+		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]\n       ferry-bench --server URL drain [--messages K] [--size B] [--json]\n       ferry-bench --server URL idle N [--settle D] [--json]")
 	}
 	switch fs.Arg(0) {
 	case "pairs":
 		return pairs(*server, fs.Args()[1:])
 	case "drain":
 		return drain(*server, fs.Args()[1:])
+	case "idle":
+		return idle(*server, fs.Args()[1:])
 	default:
-		return fmt.Errorf("unknown mode %q (have: pairs, drain)", fs.Arg(0))
+		return fmt.Errorf("unknown mode %q (have: pairs, drain, idle)", fs.Arg(0))
 	}
 }
 
@@ -318,4 +325,134 @@ func randBytes(n int) []byte {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return b
+}
+
+type idleResult struct {
+	Connections  int     `json:"connections"`
+	BytesPerConn float64 `json:"bytes_per_conn"`
+	IdleCPU      float64 `json:"idle_cpu_cores"` // server CPU while the connections idle, in cores
+}
+
+// idle holds N authenticated, idle device connections and reads the
+// server's resident memory and CPU from its /metrics. One process holds at
+// most ~19,000 sockets here (20,000 files per process): run several for more.
+func idle(server string, args []string) error {
+	fs := flag.NewFlagSet("idle", flag.ContinueOnError)
+	settle := fs.Duration("settle", 10*time.Second, "how long to measure idle CPU")
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	if len(args) == 0 {
+		return errors.New("usage: ferry-bench --server URL idle N [--settle D] [--json]")
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n <= 0 || n > 19000 {
+		return fmt.Errorf("idle: N must be 1..19000 per process (20,000 open files), got %q", args[0])
+	}
+	if err := fs.Parse(args[1:]); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	metricsURL, err := metricsURLOf(server)
+	if err != nil {
+		return err
+	}
+	rss0, _, err := scrape(ctx, metricsURL)
+	if err != nil {
+		return err
+	}
+	run := hex.EncodeToString(randBytes(3))
+	conns := make([]*client.Conn, n)
+	sem := make(chan struct{}, 32)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var firstErr error
+	for i := range n {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			d, err := newDevice(ctx, server, fmt.Sprintf("bi%s_%d", run, i))
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				firstErr = cmp.Or(firstErr, err)
+				return
+			}
+			conns[i] = d.conn
+		}()
+	}
+	wg.Wait()
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}()
+	if firstErr != nil {
+		return firstErr
+	}
+	rss1, cpu1, err := scrape(ctx, metricsURL)
+	if err != nil {
+		return err
+	}
+	time.Sleep(*settle) // measuring idle CPU over a fixed span is the point here
+	_, cpu2, err := scrape(ctx, metricsURL)
+	if err != nil {
+		return err
+	}
+	res := idleResult{Connections: n, BytesPerConn: (rss1 - rss0) / float64(n), IdleCPU: (cpu2 - cpu1) / settle.Seconds()}
+	if *asJSON {
+		return json.NewEncoder(os.Stdout).Encode(res)
+	}
+	fmt.Printf("idle: %d connections, %.0f bytes of server memory each, server CPU while idle %.3f cores\n",
+		res.Connections, res.BytesPerConn, res.IdleCPU)
+	return nil
+}
+
+// metricsURLOf turns ws://host:port into http://host:port/metrics.
+func metricsURLOf(server string) (string, error) {
+	u, err := url.Parse(server)
+	if err != nil {
+		return "", err
+	}
+	switch u.Scheme {
+	case "wss", "https":
+		u.Scheme = "https"
+	default:
+		u.Scheme = "http"
+	}
+	u.Path = "/metrics"
+	return u.String(), nil
+}
+
+// scrape reads the server's resident memory and total CPU seconds.
+func scrape(ctx context.Context, metricsURL string) (rss, cpu float64, err error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, metricsURL, nil)
+	if err != nil {
+		return 0, 0, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, 0, fmt.Errorf("read server metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) != 2 {
+			continue
+		}
+		v, _ := strconv.ParseFloat(f[1], 64)
+		switch f[0] {
+		case "process_resident_memory_bytes":
+			rss = v
+		case "process_cpu_seconds_total":
+			cpu = v
+		}
+	}
+	if rss == 0 {
+		return 0, 0, errors.New("server metrics have no process_resident_memory_bytes")
+	}
+	return rss, cpu, sc.Err()
 }
