@@ -244,10 +244,6 @@ func (c *Conn) Do(ctx context.Context, f *wirepb.ClientFrame) (*wirepb.Response,
 	}
 }
 
-// WriteRaw writes arbitrary bytes as one binary frame (tests of the server's
-// handling of bad frames).
-func (c *Conn) WriteRaw(b []byte) error { return c.write(b) }
-
 func (c *Conn) write(b []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()

@@ -206,10 +206,7 @@ func (c *Client) distributeSenderKey(ctx context.Context, conn *Conn, g *wirepb.
 			want[a.String()] = a
 		}
 	}
-	if err := c.st.SaveGroup(ctx, g); err != nil {
-		return err
-	}
-	had, err := c.st.Distributed(ctx, g.GroupId)
+	had, err := c.st.Distributed(ctx, g.GroupId) // g is saved by the caller (fetchGroup, GROUP_STALE)
 	if err != nil {
 		return err
 	}

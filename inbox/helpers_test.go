@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -235,4 +236,21 @@ func metricValue(t testing.TB, reg *prometheus.Registry, name string, labels map
 		}
 	}
 	return value, count
+}
+
+// reopener returns a function that opens a Store (and its db) on fs,
+// again and again, as a restarted node would.
+func reopener(t testing.TB, fs vfs.FS) func() (*Store, *pebble.DB) {
+	return func() (*Store, *pebble.DB) {
+		t.Helper()
+		db, err := store.Open("db", store.Options{FS: fs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := New(db, Options{SweepInterval: -1, Now: newClock().Now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s, db
+	}
 }

@@ -582,18 +582,7 @@ func TestDeleteDeviceInGroup(t *testing.T) {
 func TestReopen(t *testing.T) {
 	ctx := context.Background()
 	fs := vfs.NewMem()
-	open := func() (*Store, *pebble.DB) {
-		t.Helper()
-		db, err := store.Open("db", store.Options{FS: fs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := New(db, Options{SweepInterval: -1, Now: newClock().Now})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s, db
-	}
+	open := reopener(t, fs)
 	s, db := open()
 	for i := 1; i <= 3; i++ {
 		mustAppend(t, s, send(alice1, fmt.Sprint("m", i), "alice|bob", fmt.Sprint("m", i), bob1, bob2))

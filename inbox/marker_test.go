@@ -6,9 +6,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
-	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
 )
@@ -146,18 +144,7 @@ func TestMarkerAckedThenNew(t *testing.T) {
 
 func TestMarkerSurvivesReopen(t *testing.T) {
 	fs := vfs.NewMem()
-	open := func() (*Store, *pebble.DB) {
-		t.Helper()
-		db, err := store.Open("db", store.Options{FS: fs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := New(db, Options{SweepInterval: -1, Now: newClock().Now})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s, db
-	}
+	open := reopener(t, fs)
 	s, db := open()
 	mustMark(t, s, 1, mark(alice1, bob1, "c", 5))
 	s.Close()

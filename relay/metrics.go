@@ -1,8 +1,6 @@
 package relay
 
 import (
-	"log/slog"
-
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -61,7 +59,3 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	return m
 }
-
-// logger wraps slog; it exists so that every log line about a device uses
-// the same short, content-free form.
-type logger struct{ *slog.Logger }

@@ -519,8 +519,11 @@ func TestShutdownAnswersCommitsInFlight(t *testing.T) {
 	shut := make(chan error, 1)
 	go func() { shut <- e.srv.Shutdown(ctx(t)) }()
 	// The server is draining; now let the commit finish.
-	for e.srv.Ready() {
-		time.Sleep(time.Millisecond) // Ready flips synchronously at the start of Shutdown
+	// Ready flips first thing in Shutdown; poll for it with a deadline.
+	for deadline := time.Now().Add(10 * time.Second); e.srv.Ready(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("Shutdown did not start draining")
+		}
 	}
 	close(slow.release)
 	res := <-done

@@ -7,6 +7,7 @@ package relay
 import (
 	"context"
 	"crypto/rand"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
@@ -28,7 +29,7 @@ type Server struct {
 	groups   *groupLocks  // per-group locks (groups.go)
 	metrics  *metrics
 	upgrader websocket.Upgrader
-	log      logger
+	log      *slog.Logger // ids only, never content, keys or signatures
 
 	draining atomic.Bool
 
@@ -48,7 +49,7 @@ func New(cfg Config, deps Deps) *Server {
 		groups:  newGroupLocks(),
 		metrics: newMetrics(cfg.Registerer),
 		conns:   make(map[*conn]struct{}),
-		log:     logger{cfg.Logger},
+		log:     cfg.Logger,
 	}
 	s.upgrader = websocket.Upgrader{
 		ReadBufferSize:  1024,
