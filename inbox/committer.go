@@ -67,8 +67,9 @@ func (s *Store) do(ctx context.Context, apply func(g *group) error) error {
 	return o.err
 }
 
-// run is the committer: it takes one op (blocking), drains up to MaxGroup
-// without blocking, and commits them as one group.
+// run is the committer: it takes one op (blocking, unless fan-out jobs are
+// pending), drains up to MaxGroup without blocking, and commits them as one
+// group.
 func (s *Store) run() {
 	defer close(s.stopped)
 	ops := make([]*op, 0, s.o.MaxGroup)
@@ -79,13 +80,18 @@ func (s *Store) run() {
 			return
 		default:
 		}
-		select {
-		case <-s.quit:
-			s.rejectQueued()
-			return
-		case o := <-s.ops:
-			ops = append(ops[:0], o)
+		ops = ops[:0]
+		if len(s.fan.jobs) == 0 {
+			select {
+			case <-s.quit:
+				s.rejectQueued()
+				return
+			case o := <-s.ops:
+				ops = append(ops, o)
+			}
 		}
+		// With fan-out jobs pending the committer does not wait for ops:
+		// every group carries a chunk, with whatever ops are queued.
 	drain:
 		for len(ops) < s.o.MaxGroup {
 			select {
@@ -95,8 +101,18 @@ func (s *Store) run() {
 				break drain
 			}
 		}
-		s.commitGroup(ops)
+		progress := s.commitGroup(ops)
 		clear(ops)
+		if !progress && len(ops) == 0 {
+			// A fan-out chunk could not be read or committed (storage
+			// trouble): wait for an op or a moment instead of spinning.
+			select {
+			case <-s.quit:
+			case o := <-s.ops:
+				s.commitGroup([]*op{o})
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
 	}
 }
 
@@ -114,10 +130,13 @@ func (s *Store) rejectQueued() {
 	}
 }
 
-// commitGroup applies ops into one batch, commits it, and answers them.
-func (s *Store) commitGroup(ops []*op) {
+// commitGroup applies ops (and the next fan-out chunk) into one batch,
+// commits it, and answers them. It reports whether it committed anything.
+func (s *Store) commitGroup(ops []*op) bool {
 	g := s.newGroup()
 	defer g.b.Close()
+	g.expand() // first: ops of this group queue behind the job it works on
+	expanding := len(s.fan.jobs) > 0 && s.fan.jobs[0].inFlight
 	applied := ops[:0]
 	for _, o := range ops {
 		if !o.state.CompareAndSwap(opQueued, opClaimed) {
@@ -130,8 +149,8 @@ func (s *Store) commitGroup(ops []*op) {
 		o.err = o.apply(g)
 		applied = append(applied, o)
 	}
-	if len(applied) == 0 {
-		return
+	if len(applied) == 0 && !expanding {
+		return false
 	}
 	g.flush()
 	if err := g.err; err == nil && !g.b.Empty() {
@@ -143,13 +162,15 @@ func (s *Store) commitGroup(ops []*op) {
 		s.m.commitSync.Observe(time.Since(start).Seconds())
 		s.m.groupOps.Observe(float64(len(applied)))
 	}
+	s.fan.committed(g, g.err == nil)
+	s.m.fanPending.Set(float64(s.fan.pendingEntries()))
 	if g.err != nil {
 		s.o.Logger.Error("inbox: commit failed", "ops", len(applied), "err", g.err)
 		err := storageErr("commit", g.err)
 		for _, o := range applied {
 			o.finish(err)
 		}
-		return
+		return len(applied) > 0 // a failed chunk alone is retried after a pause
 	}
 	s.publish()
 	g.count.report(s.m)
@@ -159,6 +180,7 @@ func (s *Store) commitGroup(ops []*op) {
 	if s.o.OnAppend != nil && len(g.notify) > 0 {
 		s.o.OnAppend(g.notify)
 	}
+	return true
 }
 
 // group is the state of one commit group: the batch, and what its ops have
@@ -173,6 +195,7 @@ type group struct {
 	ctrs   map[string]*counter   // by key: conversation sequences and the body id counter
 	bodies map[uint64]*bodyState // shared group bodies this group touched
 	notify []wire.DeviceAddr     // distinct devices that got entries
+	fanNew []*fanJob             // fan-out jobs queued by this group's ops (fanout.go)
 	count  counts
 }
 
@@ -216,6 +239,7 @@ type bodyState struct {
 type counts struct {
 	appended, acked, expired, full, duplicate int
 	bodiesStored, bodiesDeleted               int
+	fanQueued, fanEntries                     int
 }
 
 func (s *Store) newGroup() *group {
@@ -382,10 +406,14 @@ type bodyRef struct {
 }
 
 // plan assigns ids and times to n entries (item returns the i-th one's
-// device and marshaled envelope) without changing any state. Entries refer
+// device and marshaled envelope) without changing any state. Their time is
+// t0 (0: the group's), or later to keep each device's times monotonic. Entries refer
 // to body if its id is not 0. With quota, it fails with a *FullError if a
 // device would go over its quota.
-func (g *group) plan(n int, item func(i int) (wire.DeviceAddr, []byte), seq uint64, body bodyRef, quota bool) ([]put, error) {
+func (g *group) plan(n int, item func(i int) (wire.DeviceAddr, []byte), seq uint64, body bodyRef, quota bool, t0 int64) ([]put, error) {
+	if t0 == 0 {
+		t0 = g.now
+	}
 	type added struct{ n, bytes uint64 }
 	adds := make(map[*devState]*added, n)
 	var order []*devState
@@ -403,7 +431,7 @@ func (g *group) plan(n int, item func(i int) (wire.DeviceAddr, []byte), seq uint
 			order = append(order, ds)
 		}
 		a.n++
-		t := max(g.now, ds.meta.LastTimeMs)
+		t := max(t0, ds.meta.LastTimeMs)
 		id := ds.meta.LastId + a.n
 		val := withServerFields(base, id, seq, t)
 		size := len(val)
@@ -531,7 +559,7 @@ func (g *group) append(m *Send, vals [][]byte) (Accepted, error) {
 	}
 	puts, err := g.planned(g.plan(len(m.Entries), func(i int) (wire.DeviceAddr, []byte) {
 		return m.Entries[i].To, vals[i]
-	}, seq, bodyRef{}, true))
+	}, seq, bodyRef{}, true, 0))
 	if err != nil {
 		return Accepted{}, err
 	}
@@ -551,6 +579,13 @@ func (g *group) appendGroup(m *GroupAppend, body []byte) (Accepted, error) {
 	if err != nil {
 		return Accepted{}, err
 	}
+	key := m.Order
+	if key == "" {
+		key = m.Conversation
+	}
+	if len(m.Recipients) > 0 && (len(m.Recipients) > g.s.o.FanoutInline || g.queued(key)) {
+		return g.queueGroup(m, key, body, conv, seq, sender)
+	}
 	var ref bodyRef
 	var ctr *counter
 	if len(m.Recipients) > 0 {
@@ -561,7 +596,7 @@ func (g *group) appendGroup(m *GroupAppend, body []byte) (Accepted, error) {
 	}
 	puts, err := g.planned(g.plan(len(m.Recipients), func(i int) (wire.DeviceAddr, []byte) {
 		return m.Recipients[i], nil
-	}, seq, ref, !m.NoQuota))
+	}, seq, ref, !m.NoQuota, 0))
 	if err != nil {
 		return Accepted{}, err
 	}
@@ -722,7 +757,7 @@ func (g *group) planFollow(es []Entry, vals [][]byte) (*followPlan, error) {
 			j = marks[i-len(plain)].i
 		}
 		return es[j].To, vals[j]
-	}, 0, bodyRef{}, false)
+	}, 0, bodyRef{}, false, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -954,4 +989,6 @@ func (c counts) report(m *metrics) {
 	m.rejectedDup.Add(float64(c.duplicate))
 	m.bodiesStored.Add(float64(c.bodiesStored))
 	m.bodiesDeleted.Add(float64(c.bodiesDeleted))
+	m.fanQueued.Add(float64(c.fanQueued))
+	m.fanEntries.Add(float64(c.fanEntries))
 }

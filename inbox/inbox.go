@@ -109,6 +109,16 @@ type Options struct {
 	// MaxBytes is the most bytes per device (entry sizes; an entry referring
 	// to a shared group body counts the body too); 0 means 256 MiB.
 	MaxBytes int64
+	// FanoutInline is the most recipients a group append writes entries for
+	// in its own commit; a larger one is committed as a fan-out job and
+	// expanded after the ✓ (fanout.go). 0 means 256.
+	FanoutInline int
+	// FanoutChunk is the most entries of a fan-out job one commit writes;
+	// 0 means 256.
+	FanoutChunk int
+	// MaxFanoutJobs bounds the queued fan-out jobs; over it a large group
+	// append fails with ErrFanoutBusy (retryable). 0 means 1024.
+	MaxFanoutJobs int
 	// MaxGroup is the most ops the committer puts into one batch; 0 means 1024.
 	MaxGroup int
 	// QueueSize is the capacity of the committer's channel; 0 means 4096.
@@ -146,6 +156,15 @@ func (o Options) withDefaults() Options {
 	if o.MaxGroup <= 0 {
 		o.MaxGroup = 1024
 	}
+	if o.FanoutInline <= 0 {
+		o.FanoutInline = 256
+	}
+	if o.FanoutChunk <= 0 {
+		o.FanoutChunk = 256
+	}
+	if o.MaxFanoutJobs <= 0 {
+		o.MaxFanoutJobs = 1024
+	}
 	if o.QueueSize <= 0 {
 		o.QueueSize = 4096
 	}
@@ -174,6 +193,8 @@ type Store struct {
 	m     *metrics
 	ops   chan *op // to the committer
 
+	fan *fanout // owned by the committer (fanout.go)
+
 	cur atomic.Pointer[view] // what readers see: the state after the last (synced) commit
 
 	// shutdown
@@ -196,8 +217,13 @@ func New(db *pebble.DB, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inbox: metrics: %w", err)
 	}
+	fan, err := loadFanout(db)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
+		fan:       fan,
 		db:        db,
 		o:         o,
 		ttlMs:     o.TTL.Milliseconds(),
@@ -274,6 +300,10 @@ type GroupAppend struct {
 	// NoQuota skips the quota checks (server-made updates, like receipts:
 	// a membership change must reach everyone).
 	NoQuota bool
+	// Order is the key of the order devices get group appends in; "" means
+	// Conversation. Give a group's updates its conversation, so they are not
+	// handed out ahead of messages queued before them.
+	Order string
 }
 
 // Accepted is the result of a committed (or duplicate) send.

@@ -17,6 +17,9 @@ type metrics struct {
 	rejected      *prometheus.CounterVec // label reason: "inbox_full" | "duplicate"
 	bodiesStored  prometheus.Counter
 	bodiesDeleted prometheus.Counter
+	fanQueued     prometheus.Counter
+	fanEntries    prometheus.Counter
+	fanPending    prometheus.Gauge
 
 	// children of the vectors, resolved once
 	commitSync                prometheus.Observer
@@ -60,6 +63,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: ns, Subsystem: sub, Name: "group_bodies_deleted_total",
 			Help: "Shared group envelope bodies deleted after their last reference went (stored minus deleted is what is held).",
 		}),
+		fanQueued: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "fanout_jobs_queued_total",
+			Help: "Large group appends committed as fan-out jobs (expanded after the sender's ack).",
+		}),
+		fanEntries: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "fanout_entries_total",
+			Help: "Inbox entries written by fan-out job expansion.",
+		}),
+		fanPending: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "fanout_pending_entries",
+			Help: "Entries queued fan-out jobs have still to write.",
+		}),
 	}
 	m.commitSync = m.commitSeconds.WithLabelValues("true")
 	m.rejectedFull = m.rejected.WithLabelValues("inbox_full")
@@ -68,7 +83,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return m, nil
 	}
 	var errs []error
-	for _, c := range []prometheus.Collector{m.groupOps, m.commitSeconds, m.appended, m.acked, m.expired, m.rejected, m.bodiesStored, m.bodiesDeleted} {
+	for _, c := range []prometheus.Collector{m.groupOps, m.commitSeconds, m.appended, m.acked, m.expired, m.rejected, m.bodiesStored, m.bodiesDeleted, m.fanQueued, m.fanEntries, m.fanPending} {
 		errs = append(errs, reg.Register(c))
 	}
 	return m, errors.Join(errs...)

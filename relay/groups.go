@@ -100,6 +100,7 @@ func (c *conn) announce(ctx context.Context, info *wirepb.GroupInfo, removed []s
 			Type: wirepb.EnvelopeType_GROUP_UPDATE, Group: info},
 		Recipients: to,
 		NoQuota:    true,
+		Order:      groupConversation(info.GroupId), // not ahead of messages queued before it
 	})
 	if err == nil {
 		c.s.metrics.groupUpdates.Add(float64(len(to)))

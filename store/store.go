@@ -17,6 +17,9 @@
 //	'c' body_id(8) 'b'                              inbox:   shared group envelope (wirepb.Envelope without id, seq, time)
 //	'c' body_id(8) 'r'                              inbox:   BodyRefs (entries still referring to the body)
 //	'x' username 0x00 device(4) coalesce_key        inbox:   marker index: entry id(8) and receipt seq(8)
+//	'f'                                             inbox:   last fan-out job id (8 bytes)
+//	'f' job_id(8) 'j'                               inbox:   FanoutJob (a large group append not yet expanded)
+//	'f' job_id(8) 'n'                               inbox:   recipients expanded so far (8 bytes)
 //	'g' 'r' group_id(16)                            group:   Group record (storepb.Group)
 //	'g' 'u' username 0x00 group_id(16)              group:   empty: index of a member's groups
 //
@@ -29,6 +32,11 @@
 // marker with a higher seq replaces that entry instead of adding one. It
 // may point to an entry that was acked or expired; the next marker
 // overwrites it.
+//
+// A fan-out job ('f') is a group append with more recipient devices than
+// the inline threshold: it is committed with the body, before the sender's
+// ✓, and expanded into 'i' entries afterwards, a chunk per commit; its keys
+// go with its last chunk.
 //
 // Nothing else is stored: no plaintext, no history, no contact lists.
 package store
@@ -54,6 +62,7 @@ const (
 	PrefixGroupBody  = 'c'
 	PrefixGroup      = 'g'
 	PrefixMarker     = 'x'
+	PrefixFanout     = 'f'
 )
 
 // ErrOpen wraps every failure to open the database.

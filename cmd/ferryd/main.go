@@ -50,6 +50,9 @@ type config struct {
 	shutdownTimeout  time.Duration
 	maxDevices       int
 	maxGroupMembers  int
+	fanoutInline     int
+	fanoutChunk      int
+	maxFanoutJobs    int
 	linkTTL          time.Duration
 	linkStartRate    float64
 	linkStartBurst   int
@@ -88,6 +91,9 @@ func main() {
 	fs.IntVar(&c.claimBurst, "claim-burst", 20, "prekey bundle claim burst per requesting device")
 	fs.IntVar(&c.maxDevices, "max-devices", device.DefaultMaxDevices, "devices per account, the primary included")
 	fs.IntVar(&c.maxGroupMembers, "max-group-members", group.DefaultMaxMembers, "members per group")
+	fs.IntVar(&c.fanoutInline, "group-fanout-inline", 256, "recipient devices a group send writes before its ack; larger sends are queued durably and expanded after it")
+	fs.IntVar(&c.fanoutChunk, "group-fanout-chunk", 256, "entries of a queued group send written per commit")
+	fs.IntVar(&c.maxFanoutJobs, "max-fanout-jobs", 1024, "queued large group sends; over it they fail with a retryable UNAVAILABLE")
 	fs.DurationVar(&c.linkTTL, "link-ttl", 10*time.Minute, "how long a link code stays valid")
 	fs.Float64Var(&c.linkStartRate, "link-start-rate", 5, "link codes per minute per remote IP (/64 for IPv6)")
 	fs.IntVar(&c.linkStartBurst, "link-start-burst", 5, "link code burst per remote IP")
@@ -129,6 +135,7 @@ func run(c config) error {
 	var srv *relay.Server
 	ib, err := inbox.New(db, inbox.Options{
 		TTL: c.inboxTTL, MaxDepth: c.inboxMaxDepth, MaxBytes: c.inboxMaxBytes,
+		FanoutInline: c.fanoutInline, FanoutChunk: c.fanoutChunk, MaxFanoutJobs: c.maxFanoutJobs,
 		OnAppend:   func(devs []wire.DeviceAddr) { srv.OnAppend(devs) },
 		Registerer: reg, Logger: log,
 	})

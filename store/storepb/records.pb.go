@@ -620,6 +620,150 @@ func (x *EntryBodyRef) GetBodySize() uint32 {
 	return 0
 }
 
+// Key "f" job_id(8) 'j' -> FanoutJob: a group append with more recipients
+// than the inline threshold, committed (with its body, sequence number and
+// dedup record) before the sender's ✓ and expanded into inbox entries by
+// the committer afterwards, a chunk per commit.
+// Key "f" job_id(8) 'n' -> how many recipients have their entry (8 bytes
+// big-endian), written in the same batch as each chunk's entries.
+// Key "f" (alone) -> the last job id assigned, 8 bytes big-endian.
+// Both job keys are deleted in the batch of the last chunk.
+type FanoutJob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OrderKey      string                 `protobuf:"bytes,1,opt,name=order_key,json=orderKey,proto3" json:"order_key,omitempty"`                // the group's conversation: appends to it queue behind this job
+	BodyId        uint64                 `protobuf:"varint,2,opt,name=body_id,json=bodyId,proto3" json:"body_id,omitempty"`                     // the shared body every entry refers to (its refs count all recipients)
+	Seq           uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`                                         // the group message's sequence number (0 for a GROUP_UPDATE)
+	ServerTimeMs  int64                  `protobuf:"varint,4,opt,name=server_time_ms,json=serverTimeMs,proto3" json:"server_time_ms,omitempty"` // the time of the commit that queued it; every entry gets it
+	Recipients    []*FanoutRecipient     `protobuf:"bytes,5,rep,name=recipients,proto3" json:"recipients,omitempty"`
+	BodySize      uint32                 `protobuf:"varint,6,opt,name=body_size,json=bodySize,proto3" json:"body_size,omitempty"` // bytes of the body, as EntryBodyRef.body_size
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FanoutJob) Reset() {
+	*x = FanoutJob{}
+	mi := &file_records_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FanoutJob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FanoutJob) ProtoMessage() {}
+
+func (x *FanoutJob) ProtoReflect() protoreflect.Message {
+	mi := &file_records_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FanoutJob.ProtoReflect.Descriptor instead.
+func (*FanoutJob) Descriptor() ([]byte, []int) {
+	return file_records_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *FanoutJob) GetOrderKey() string {
+	if x != nil {
+		return x.OrderKey
+	}
+	return ""
+}
+
+func (x *FanoutJob) GetBodyId() uint64 {
+	if x != nil {
+		return x.BodyId
+	}
+	return 0
+}
+
+func (x *FanoutJob) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *FanoutJob) GetServerTimeMs() int64 {
+	if x != nil {
+		return x.ServerTimeMs
+	}
+	return 0
+}
+
+func (x *FanoutJob) GetRecipients() []*FanoutRecipient {
+	if x != nil {
+		return x.Recipients
+	}
+	return nil
+}
+
+func (x *FanoutJob) GetBodySize() uint32 {
+	if x != nil {
+		return x.BodySize
+	}
+	return 0
+}
+
+type FanoutRecipient struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
+	DeviceId      uint32                 `protobuf:"varint,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FanoutRecipient) Reset() {
+	*x = FanoutRecipient{}
+	mi := &file_records_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FanoutRecipient) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FanoutRecipient) ProtoMessage() {}
+
+func (x *FanoutRecipient) ProtoReflect() protoreflect.Message {
+	mi := &file_records_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FanoutRecipient.ProtoReflect.Descriptor instead.
+func (*FanoutRecipient) Descriptor() ([]byte, []int) {
+	return file_records_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *FanoutRecipient) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *FanoutRecipient) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
 var File_records_proto protoreflect.FileDescriptor
 
 const file_records_proto_rawDesc = "" +
@@ -673,7 +817,19 @@ const file_records_proto_rawDesc = "" +
 	"\x0eserver_time_ms\x18\x02 \x01(\x03R\fserverTimeMs\"F\n" +
 	"\fEntryBodyRef\x12\x18\n" +
 	"\abody_id\x18\xe8\a \x01(\x04R\x06bodyId\x12\x1c\n" +
-	"\tbody_size\x18\xe9\a \x01(\rR\bbodySizeB(Z&github.com/ferryhq/ferry/store/storepbb\x06proto3"
+	"\tbody_size\x18\xe9\a \x01(\rR\bbodySize\"\xd7\x01\n" +
+	"\tFanoutJob\x12\x1b\n" +
+	"\torder_key\x18\x01 \x01(\tR\borderKey\x12\x17\n" +
+	"\abody_id\x18\x02 \x01(\x04R\x06bodyId\x12\x10\n" +
+	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12$\n" +
+	"\x0eserver_time_ms\x18\x04 \x01(\x03R\fserverTimeMs\x12?\n" +
+	"\n" +
+	"recipients\x18\x05 \x03(\v2\x1f.ferry.store.v1.FanoutRecipientR\n" +
+	"recipients\x12\x1b\n" +
+	"\tbody_size\x18\x06 \x01(\rR\bbodySize\"J\n" +
+	"\x0fFanoutRecipient\x12\x1a\n" +
+	"\busername\x18\x01 \x01(\tR\busername\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\rR\bdeviceIdB(Z&github.com/ferryhq/ferry/store/storepbb\x06proto3"
 
 var (
 	file_records_proto_rawDescOnce sync.Once
@@ -687,26 +843,29 @@ func file_records_proto_rawDescGZIP() []byte {
 	return file_records_proto_rawDescData
 }
 
-var file_records_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_records_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_records_proto_goTypes = []any{
-	(*Account)(nil),      // 0: ferry.store.v1.Account
-	(*Device)(nil),       // 1: ferry.store.v1.Device
-	(*DeviceKeys)(nil),   // 2: ferry.store.v1.DeviceKeys
-	(*InboxMeta)(nil),    // 3: ferry.store.v1.InboxMeta
-	(*SendRecord)(nil),   // 4: ferry.store.v1.SendRecord
-	(*Group)(nil),        // 5: ferry.store.v1.Group
-	(*GroupMember)(nil),  // 6: ferry.store.v1.GroupMember
-	(*BodyRefs)(nil),     // 7: ferry.store.v1.BodyRefs
-	(*EntryBodyRef)(nil), // 8: ferry.store.v1.EntryBodyRef
+	(*Account)(nil),         // 0: ferry.store.v1.Account
+	(*Device)(nil),          // 1: ferry.store.v1.Device
+	(*DeviceKeys)(nil),      // 2: ferry.store.v1.DeviceKeys
+	(*InboxMeta)(nil),       // 3: ferry.store.v1.InboxMeta
+	(*SendRecord)(nil),      // 4: ferry.store.v1.SendRecord
+	(*Group)(nil),           // 5: ferry.store.v1.Group
+	(*GroupMember)(nil),     // 6: ferry.store.v1.GroupMember
+	(*BodyRefs)(nil),        // 7: ferry.store.v1.BodyRefs
+	(*EntryBodyRef)(nil),    // 8: ferry.store.v1.EntryBodyRef
+	(*FanoutJob)(nil),       // 9: ferry.store.v1.FanoutJob
+	(*FanoutRecipient)(nil), // 10: ferry.store.v1.FanoutRecipient
 }
 var file_records_proto_depIdxs = []int32{
-	1, // 0: ferry.store.v1.Account.devices:type_name -> ferry.store.v1.Device
-	6, // 1: ferry.store.v1.Group.members:type_name -> ferry.store.v1.GroupMember
-	2, // [2:2] is the sub-list for method output_type
-	2, // [2:2] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	1,  // 0: ferry.store.v1.Account.devices:type_name -> ferry.store.v1.Device
+	6,  // 1: ferry.store.v1.Group.members:type_name -> ferry.store.v1.GroupMember
+	10, // 2: ferry.store.v1.FanoutJob.recipients:type_name -> ferry.store.v1.FanoutRecipient
+	3,  // [3:3] is the sub-list for method output_type
+	3,  // [3:3] is the sub-list for method input_type
+	3,  // [3:3] is the sub-list for extension type_name
+	3,  // [3:3] is the sub-list for extension extendee
+	0,  // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_records_proto_init() }
@@ -720,7 +879,7 @@ func file_records_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_records_proto_rawDesc), len(file_records_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
