@@ -119,7 +119,9 @@ func TestFanoutKeepsOrderBehindAJob(t *testing.T) {
 	gate := newGate()
 	s, db := newStore(t, Options{FanoutInline: 4, FanoutChunk: 1, Registerer: reg, commit: gate.commit})
 	to := members(8)
-	big := async(func() (Accepted, error) { return s.AppendGroup(context.Background(), groupSend(alice1, "big", "first", to...)) })
+	big := async(func() (Accepted, error) {
+		return s.AppendGroup(context.Background(), groupSend(alice1, "big", "first", to...))
+	})
 	<-gate.entered // the job's commit is held
 	small := async(func() (Accepted, error) {
 		return s.AppendGroup(context.Background(), groupSend(alice1, "small", "second", to[6], to[7]))
@@ -232,9 +234,13 @@ func TestFanoutQueueIsBounded(t *testing.T) {
 	gate := newGate()
 	s, db := newStore(t, Options{FanoutInline: 2, FanoutChunk: 1, MaxFanoutJobs: 1, commit: gate.commit})
 	to := members(5)
-	one := async(func() (Accepted, error) { return s.AppendGroup(context.Background(), groupSend(alice1, "one", "x", to...)) })
+	one := async(func() (Accepted, error) {
+		return s.AppendGroup(context.Background(), groupSend(alice1, "one", "x", to...))
+	})
 	<-gate.entered // the first job's commit is held
-	two := async(func() (Accepted, error) { return s.AppendGroup(context.Background(), groupSend(alice1, "two", "y", to...)) })
+	two := async(func() (Accepted, error) {
+		return s.AppendGroup(context.Background(), groupSend(alice1, "two", "y", to...))
+	})
 	waitQueued(t, s, 1)
 	close(gate.release)
 	if r := <-one; r.err != nil {
