@@ -499,9 +499,10 @@ func FuzzParseEntry(f *testing.F) {
 			v = withBodyRef(v, bodyID, bodySize)
 		}
 		got := parseEntry(v)
-		want := entryMeta{timeMs: timeMs}
+		want := entryMeta{timeMs: timeMs, refAt: len(v)}
 		if bodyID != 0 {
 			want.bodyID, want.bodySize = bodyID, bodySize
+			want.refAt = len(withServerFields(base[0], id, 0, timeMs))
 		}
 		if got != want {
 			t.Fatalf("parseEntry = %+v, want %+v", got, want)
@@ -511,4 +512,38 @@ func FuzzParseEntry(f *testing.F) {
 			t.Fatalf("the entry does not decode as an envelope: %v %v", e, err)
 		}
 	})
+}
+
+// RangeRaw hands out the same envelopes as Range, encoded, for 1:1 and
+// group entries and group updates, from the body cache the second time.
+func TestRangeRawMatchesRange(t *testing.T) {
+	s, _ := newStore(t, Options{})
+	mustAppend(t, s, send(alice1, "dm", "dm", "direct", bob1))
+	mustAppendGroup(t, s, groupSend(alice1, "g1", "group text", bob1, bob2))
+	upd := groupSend(alice1, "", "", bob1, bob2)
+	upd.Env.Type, upd.Body = wirepb.EnvelopeType_GROUP_UPDATE, nil
+	upd.Env.Group = &wirepb.GroupInfo{GroupId: testGroup, Name: "team", Version: 2,
+		Members: []*wirepb.GroupMember{{Username: "alice"}, {Username: "bob"}}}
+	mustAppendGroup(t, s, upd)
+	for round := range 2 {
+		for _, d := range []wire.DeviceAddr{bob1, bob2} {
+			want := rangeAll(t, s, d)
+			got, err := s.RangeRaw(context.Background(), d, 0, 100)
+			if err != nil || len(got) != len(want) {
+				t.Fatalf("RangeRaw(%s) = %d items, %v; want %d", d, len(got), err, len(want))
+			}
+			for i := range got {
+				dec := &wirepb.Envelope{}
+				if err := proto.Unmarshal(got[i].Raw, dec); err != nil {
+					t.Fatal(err)
+				}
+				if !proto.Equal(dec, want[i].Env) || got[i].ID != want[i].ID || got[i].Size != want[i].Size {
+					t.Fatalf("round %d %s item %d: raw %v, want %v", round, d, i, dec, want[i].Env)
+				}
+				if h := got[i].Env; h.Id != want[i].ID || h.Seq != want[i].Env.Seq || h.Type != want[i].Env.Type || h.Sender != "alice" {
+					t.Fatalf("round %d %s item %d: head %v", round, d, i, h)
+				}
+			}
+		}
+	}
 }

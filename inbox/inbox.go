@@ -48,6 +48,7 @@
 package inbox
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -193,7 +194,8 @@ type Store struct {
 	m     *metrics
 	ops   chan *op // to the committer
 
-	fan *fanout // owned by the committer (fanout.go)
+	fan    *fanout    // owned by the committer (fanout.go)
+	bodies *bodyCache // shared bodies read by RangeRaw
 
 	cur atomic.Pointer[view] // what readers see: the state after the last (synced) commit
 
@@ -224,6 +226,7 @@ func New(db *pebble.DB, o Options) (*Store, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
 		fan:       fan,
+		bodies:    newBodyCache(256),
 		db:        db,
 		o:         o,
 		ttlMs:     o.TTL.Milliseconds(),
@@ -317,7 +320,8 @@ type Accepted struct {
 type Item struct {
 	ID   uint64
 	Env  *wirepb.Envelope
-	Size int // stored bytes, plus the shared body's for a group entry
+	Size int    // stored bytes, plus the shared body's for a group entry
+	Raw  []byte // RangeRaw only: Env whole, encoded as the device gets it
 }
 
 // Append stores every entry of m in one synced commit and returns once it
@@ -463,6 +467,20 @@ func (s *Store) Lookup(ctx context.Context, sender wire.DeviceAddr, clientMsgID 
 // Range returns up to limit entries of dev with id > after, in ascending
 // id order. Expired entries are skipped even before the sweep removes them.
 func (s *Store) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]Item, error) {
+	return s.rangeItems(ctx, dev, after, limit, false)
+}
+
+// RangeRaw is Range for delivery: each Item's Raw is the whole envelope,
+// encoded as the device gets it, and its Env holds every field but the
+// content and group of a shared group body (routing fields: sender, seq,
+// type, ids). A group body is decoded once, not once per device: shared
+// bodies are cached by id (they never change; an entry present in the read
+// snapshot proves its body was).
+func (s *Store) RangeRaw(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]Item, error) {
+	return s.rangeItems(ctx, dev, after, limit, true)
+}
+
+func (s *Store) rangeItems(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int, raw bool) ([]Item, error) {
 	if err := s.readable(ctx); err != nil {
 		return nil, err
 	}
@@ -491,19 +509,107 @@ func (s *Store) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, li
 			continue
 		}
 		id := entryID(it.Key())
-		env, err := s.decodeEntry(v.snap, dev, id, val, em)
+		item := Item{ID: id, Size: em.size(val)}
+		if raw {
+			item.Env, item.Raw, err = s.decodeRaw(v.snap, dev, id, val, em)
+		} else {
+			item.Env, err = s.decodeEntry(v.snap, dev, id, val, em)
+		}
 		if errors.Is(err, ErrNotFound) {
 			continue // acked or expired since the iterator opened
 		}
 		if err != nil {
 			return nil, err
 		}
-		items = append(items, Item{ID: id, Env: env, Size: em.size(val)})
+		items = append(items, item)
 	}
 	if err := it.Error(); err != nil {
 		return nil, storageErr("range", err)
 	}
 	return items, nil
+}
+
+// decodeRaw is decodeEntry for RangeRaw.
+func (s *Store) decodeRaw(r pebble.Reader, dev wire.DeviceAddr, id uint64, v []byte, em entryMeta) (*wirepb.Envelope, []byte, error) {
+	if em.bodyID == 0 {
+		env := &wirepb.Envelope{}
+		if err := proto.Unmarshal(v, env); err != nil {
+			return nil, nil, storageErr("decode entry", err)
+		}
+		return env, bytes.Clone(v), nil
+	}
+	own := v[:em.refAt] // the entry's id, seq and time, without the EntryBodyRef
+	b, ok := s.bodies.get(em.bodyID)
+	if !ok {
+		full, err := s.decodeEntry(r, dev, id, v, em)
+		if err != nil {
+			return nil, nil, err
+		}
+		body, closer, err := r.Get(bodyKey(em.bodyID))
+		if err != nil { // decodeEntry found it; only a damaged store gets here
+			return full, mustMarshal(full), nil
+		}
+		head := &wirepb.Envelope{}
+		err = (proto.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(body, head)
+		b = &cachedBody{raw: bytes.Clone(body)}
+		closer.Close()
+		if err != nil {
+			return nil, nil, storageErr("decode body", err)
+		}
+		head.Content, head.Group = nil, nil
+		b.head = head
+		s.bodies.put(em.bodyID, b)
+	}
+	env := proto.CloneOf(b.head)
+	if err := (proto.UnmarshalOptions{Merge: true}).Unmarshal(own, env); err != nil {
+		return nil, nil, storageErr("decode entry", err)
+	}
+	raw := make([]byte, 0, len(own)+len(b.raw))
+	return env, append(append(raw, b.raw...), own...), nil
+}
+
+func mustMarshal(m proto.Message) []byte {
+	b, _ := proto.Marshal(m)
+	return b
+}
+
+// cachedBody is a shared group body as RangeRaw hands it out: read-only.
+type cachedBody struct {
+	raw  []byte           // the stored body
+	head *wirepb.Envelope // decoded, without content and group
+}
+
+// bodyCache holds the most recently read shared bodies.
+type bodyCache struct {
+	mu   sync.Mutex
+	m    map[uint64]*cachedBody // guarded by mu
+	ring []uint64               // guarded by mu: ids in insertion order, for eviction
+	next int                    // guarded by mu
+}
+
+func newBodyCache(n int) *bodyCache {
+	return &bodyCache{m: make(map[uint64]*cachedBody, n), ring: make([]uint64, n)}
+}
+
+func (c *bodyCache) get(id uint64) (*cachedBody, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b, ok := c.m[id]
+	return b, ok
+}
+
+func (c *bodyCache) put(id uint64, b *cachedBody) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.m[id]; ok {
+		return
+	}
+	if old := c.ring[c.next]; old != 0 {
+		delete(c.m, old)
+	}
+	c.ring[c.next] = id
+	c.next = (c.next + 1) % len(c.ring)
+	c.m[id] = b
 }
 
 // Get returns entry id of dev, or ErrNotFound if it is absent or expired.

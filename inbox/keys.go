@@ -119,16 +119,21 @@ type entryMeta struct {
 	timeMs   int64  // ServerTimeMs
 	bodyID   uint64 // 0: no shared body
 	bodySize uint32
+	refAt    int // offset of the EntryBodyRef fields (the end if none)
 }
 
 // parseEntry reads ServerTimeMs and the body reference of a stored entry
 // without decoding the rest (zero values if it is malformed or unset).
 func parseEntry(v []byte) entryMeta {
-	var e entryMeta
+	e := entryMeta{refAt: len(v)}
+	all := len(v)
 	for len(v) > 0 {
 		num, typ, n := protowire.ConsumeTag(v)
 		if n < 0 {
 			return entryMeta{}
+		}
+		if num == fieldBodyID && e.refAt == all {
+			e.refAt = all - len(v)
 		}
 		v = v[n:]
 		if typ == protowire.VarintType && (num == 6 || num == fieldBodyID || num == fieldBodySize) {

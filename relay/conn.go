@@ -12,6 +12,7 @@ import (
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"github.com/gorilla/websocket"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -322,7 +323,7 @@ func (c *conn) pump() {
 		room := window - len(c.inflight)
 		c.mu.Unlock()
 		if room > 0 {
-			items, err := c.s.deps.Inbox.Range(c.ctx, c.addr, cursor, room)
+			items, err := c.s.deps.Inbox.RangeRaw(c.ctx, c.addr, cursor, room)
 			if err != nil {
 				if c.ctx.Err() == nil {
 					c.s.log.Error("relay: inbox range failed", "device", c.addr.String(), "err", err)
@@ -336,7 +337,7 @@ func (c *conn) pump() {
 				c.inflight[it.ID] = delivered{sender: e.Sender, senderDevice: e.SenderDevice, to: e.To,
 					seq: e.Seq, clientMsgID: e.ClientMsgId, typ: e.Type, groupID: e.GroupId}
 				c.mu.Unlock()
-				if !c.sendEvent(&wirepb.Event{Body: &wirepb.Event_Envelope{Envelope: e}}) {
+				if !c.enqueue(envelopeFrame(it.Raw)) {
 					return
 				}
 				c.s.metrics.delivered.Inc()
@@ -438,6 +439,19 @@ func (c *conn) tryEnqueue(b []byte) {
 	case c.out <- b:
 	default:
 	}
+}
+
+// envelopeFrame is the ServerFrame of an Event with the encoded envelope
+// env, built without decoding it again (a group body is shared by many
+// devices).
+func envelopeFrame(env []byte) []byte {
+	n := protowire.SizeTag(1) + protowire.SizeBytes(len(env)) // Event.envelope
+	b := make([]byte, 0, protowire.SizeTag(2)+protowire.SizeBytes(n))
+	b = protowire.AppendTag(b, 2, protowire.BytesType) // ServerFrame.event
+	b = protowire.AppendVarint(b, uint64(n))
+	b = protowire.AppendTag(b, 1, protowire.BytesType)
+	b = protowire.AppendVarint(b, uint64(len(env)))
+	return append(b, env...)
 }
 
 func (c *conn) sendEvent(e *wirepb.Event) bool {

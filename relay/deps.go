@@ -37,6 +37,7 @@ type Inbox interface {
 	AppendGroup(ctx context.Context, m inbox.GroupAppend) (inbox.Accepted, error)
 	Lookup(ctx context.Context, sender wire.DeviceAddr, clientMsgID string) (inbox.Accepted, bool, error)
 	Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]inbox.Item, error)
+	RangeRaw(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]inbox.Item, error)
 	Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (*wirepb.Envelope, error)
 	Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]inbox.Entry) ([]uint64, error)
 	AppendMarkers(ctx context.Context, entries []inbox.Entry) (int, error)

@@ -5,7 +5,7 @@
 //
 //	ferry-bench --server ws://127.0.0.1:7600 pairs --pairs 16 --messages 200 [--json]
 //
-// This is the first mode; issue 8 adds idle, group, drain and storm.
+// Modes: pairs, drain, idle, group (group.go).
 package main
 
 import (
@@ -46,7 +46,7 @@ func run(args []string) error {
 		return err
 	}
 	if fs.NArg() == 0 {
-		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]\n       ferry-bench --server URL drain [--messages K] [--size B] [--json]\n       ferry-bench --server URL idle N [--settle D] [--json]")
+		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]\n       ferry-bench --server URL drain [--messages K] [--size B] [--json]\n       ferry-bench --server URL idle N [--settle D] [--json]\n       ferry-bench --server URL group [--members G] [--devices D] [--messages M] [--procs P] [--json]")
 	}
 	switch fs.Arg(0) {
 	case "pairs":
@@ -55,8 +55,12 @@ func run(args []string) error {
 		return drain(*server, fs.Args()[1:])
 	case "idle":
 		return idle(*server, fs.Args()[1:])
+	case "group":
+		return groupBench(*server, fs.Args()[1:])
+	case "group-worker": // started by group
+		return groupWorker(*server, fs.Args()[1:])
 	default:
-		return fmt.Errorf("unknown mode %q (have: pairs, drain, idle)", fs.Arg(0))
+		return fmt.Errorf("unknown mode %q (have: pairs, drain, idle, group)", fs.Arg(0))
 	}
 }
 
