@@ -29,7 +29,7 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binDir = dir
-	out, err := exec.Command("go", "build", "-o", dir+"/", "github.com/ferryhq/ferry/cmd/ferryd", "github.com/ferryhq/ferry/cmd/ferry").CombinedOutput()
+	out, err := exec.Command("go", "build", "-o", dir+"/", "github.com/ferryhq/ferry/cmd/ferryd", "github.com/ferryhq/ferry/cmd/ferry", "github.com/ferryhq/ferry/cmd/ferry-bench").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building binaries: %v\n%s", err, out)
 		os.Exit(1)
