@@ -242,10 +242,12 @@ type Change struct {
 //   - LEAVE: the requester leaves (members is ignored).
 //   - ADMIN, UNADMIN: members (who must be members: ErrBadRequest) become
 //     or stop being admins. The last admin cannot be demoted (ErrBadRequest).
+//   - ADMINS_ONLY, ANY_MEMBER: from now on only admins, or every member, may
+//     ADD and REMOVE (members is ignored). New groups are admins-only.
 //
 // The requester must be a member (ErrUnknownGroup, as for a group that does
-// not exist), and in an admins-only group an admin for all but LEAVE
-// (ErrNotAdmin). If the last admin goes and members remain, the member with
+// not exist); ADD and REMOVE in an admins-only group, and ADMIN, UNADMIN,
+// ADMINS_ONLY and ANY_MEMBER in every group, need an admin (ErrNotAdmin). If the last admin goes and members remain, the member with
 // the lowest username becomes admin; if nobody remains, the group is
 // deleted.
 func (s *Store) Change(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string) (Change, error) {
@@ -263,6 +265,8 @@ func (s *Store) Change(ctx context.Context, requester, id string, op wirepb.Grou
 		}
 	case wirepb.GroupChange_LEAVE:
 		members = []string{requester}
+	case wirepb.GroupChange_ADMINS_ONLY, wirepb.GroupChange_ANY_MEMBER:
+		members = nil
 	default:
 		return Change{}, errf(ErrBadRequest, "unknown group change %d", op)
 	}
@@ -282,8 +286,14 @@ func (s *Store) Change(ctx context.Context, requester, id string, op wirepb.Grou
 	if me == nil {
 		return Change{}, fresh(ErrUnknownGroup)
 	}
-	if op != wirepb.GroupChange_LEAVE && g.AdminsOnly && !me.Admin {
-		return Change{}, errf(ErrNotAdmin, "only admins may change this group's members")
+	switch {
+	case me.Admin || op == wirepb.GroupChange_LEAVE:
+	case op == wirepb.GroupChange_ADD || op == wirepb.GroupChange_REMOVE:
+		if g.AdminsOnly {
+			return Change{}, errf(ErrNotAdmin, "only admins may change this group's members")
+		}
+	default:
+		return Change{}, errf(ErrNotAdmin, "only admins may change admins and who may change members")
 	}
 	next := proto.CloneOf(g)
 	var added, removed []string
@@ -331,6 +341,9 @@ func (s *Store) Change(ctx context.Context, requester, id string, op wirepb.Grou
 		if !hasAdmin(next) {
 			return Change{}, errf(ErrBadRequest, "a group keeps at least one admin")
 		}
+	case wirepb.GroupChange_ADMINS_ONLY, wirepb.GroupChange_ANY_MEMBER:
+		next.AdminsOnly = op == wirepb.GroupChange_ADMINS_ONLY
+		changed = next.AdminsOnly != g.AdminsOnly
 	}
 	if !changed {
 		return Change{Group: g}, nil

@@ -317,24 +317,42 @@ func TestRemoveLastAdminPromotes(t *testing.T) {
 }
 
 func TestNotAdminsOnly(t *testing.T) {
-	s, db := newStore(t, Options{})
+	s, _ := newStore(t, Options{})
 	g, err := s.Create(ctx(), "alice", "g", []string{"bob"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// No request turns admins_only off yet; set it in the record.
-	g.AdminsOnly = false
-	v, _ := proto.Marshal(g)
-	if err := db.Set(recordKey([IDSize]byte(g.Id)), v, pebble.Sync); err != nil {
-		t.Fatal(err)
+	if !g.AdminsOnly {
+		t.Fatal("a new group is not admins-only")
 	}
-	c := change(t, s, "bob", g, wirepb.GroupChange_ADD, "carol")
+	if _, err := s.Change(ctx(), "bob", FormatID(g.Id), wirepb.GroupChange_ANY_MEMBER, nil); code(err) != wirepb.ErrorCode_NOT_ADMIN {
+		t.Fatalf("a member opened the group: %v", err)
+	}
+	c := change(t, s, "alice", g, wirepb.GroupChange_ANY_MEMBER)
+	if !c.Changed || c.Group.AdminsOnly || c.Group.Version != 2 {
+		t.Fatalf("ANY_MEMBER: %+v", c)
+	}
+	if c := change(t, s, "alice", g, wirepb.GroupChange_ANY_MEMBER); c.Changed {
+		t.Fatalf("repeated ANY_MEMBER changed the group: %+v", c)
+	}
+	c = change(t, s, "bob", g, wirepb.GroupChange_ADD, "carol")
 	if !slices.Equal(members(c.Group), []string{"alice*", "bob", "carol"}) {
 		t.Errorf("a member's add: %q", members(c.Group))
+	}
+	// Admins are still made by admins only.
+	if _, err := s.Change(ctx(), "bob", FormatID(g.Id), wirepb.GroupChange_ADMIN, []string{"bob"}); code(err) != wirepb.ErrorCode_NOT_ADMIN {
+		t.Fatalf("a member made itself admin: %v", err)
 	}
 	c = change(t, s, "carol", g, wirepb.GroupChange_REMOVE, "alice")
 	if !slices.Equal(members(c.Group), []string{"bob*", "carol"}) {
 		t.Errorf("a member removed the admin: %q", members(c.Group))
+	}
+	c = change(t, s, "bob", g, wirepb.GroupChange_ADMINS_ONLY)
+	if !c.Changed || !c.Group.AdminsOnly {
+		t.Fatalf("ADMINS_ONLY: %+v", c)
+	}
+	if _, err := s.Change(ctx(), "carol", FormatID(g.Id), wirepb.GroupChange_REMOVE, []string{"bob"}); code(err) != wirepb.ErrorCode_NOT_ADMIN {
+		t.Fatalf("a member removed someone from an admins-only group: %v", err)
 	}
 }
 

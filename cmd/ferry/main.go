@@ -42,6 +42,8 @@ commands:
   history NAME [--json]        print the local history with NAME
   group create NAME MEMBER...  create a group (you are its first admin)
   group add|remove NAME MEMBER add or remove a member (admins)
+  group admin|unadmin NAME MEMBER  make or unmake an admin (admins)
+  group who-adds NAME admins|members  who may add and remove members (admins)
   group leave NAME             leave a group
   group send NAME TEXT|-       send TEXT to the group; exits 0 after ✓
   group info NAME [--json]     the group's members and devices
@@ -457,7 +459,7 @@ func fingerprint(key []byte) string {
 }
 
 func cmdGroup(ctx context.Context, c *client.Client, args []string, stdin io.Reader, out io.Writer) error {
-	const usage = "usage: ferry group create NAME MEMBER... | add NAME MEMBER | remove NAME MEMBER | leave NAME | send NAME TEXT | info NAME [--json] | history NAME [--json]"
+	const usage = "usage: ferry group create NAME MEMBER... | add NAME MEMBER | remove NAME MEMBER | leave NAME | send NAME TEXT | info NAME [--json] | history NAME [--json] | admin|unadmin NAME MEMBER | who-adds NAME admins|members"
 	if len(args) < 2 {
 		return usageError(usage)
 	}
@@ -485,6 +487,34 @@ func cmdGroup(ctx context.Context, c *client.Client, args []string, stdin io.Rea
 			return err
 		}
 		fmt.Fprintf(out, "group %s: version %d, %d members\n", g.Name, g.Version, len(g.Members))
+		return nil
+	case "admin", "unadmin":
+		if len(rest) == 0 {
+			return usageError(usage)
+		}
+		o := wirepb.GroupChange_ADMIN
+		if op == "unadmin" {
+			o = wirepb.GroupChange_UNADMIN
+		}
+		g, err := c.ChangeGroup(ctx, name, o, rest)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "group %s: version %d\n", g.Name, g.Version)
+		return nil
+	case "who-adds":
+		if len(rest) != 1 || (rest[0] != "admins" && rest[0] != "members") {
+			return usageError(usage)
+		}
+		o := wirepb.GroupChange_ADMINS_ONLY
+		if rest[0] == "members" {
+			o = wirepb.GroupChange_ANY_MEMBER
+		}
+		g, err := c.ChangeGroup(ctx, name, o, nil)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "group %s: version %d, members added and removed by %s\n", g.Name, g.Version, rest[0])
 		return nil
 	case "leave":
 		if _, err := c.ChangeGroup(ctx, name, wirepb.GroupChange_LEAVE, nil); err != nil {
@@ -542,11 +572,12 @@ func cmdGroup(ctx context.Context, c *client.Client, args []string, stdin io.Rea
 				Devices  []uint32 `json:"devices"`
 			}
 			v := struct {
-				ID      string   `json:"id"`
-				Name    string   `json:"name"`
-				Version uint64   `json:"version"`
-				Members []member `json:"members"`
-			}{ID: g.GroupId, Name: g.Name, Version: g.Version}
+				ID         string   `json:"id"`
+				Name       string   `json:"name"`
+				Version    uint64   `json:"version"`
+				AdminsOnly bool     `json:"admins_only"`
+				Members    []member `json:"members"`
+			}{ID: g.GroupId, Name: g.Name, Version: g.Version, AdminsOnly: g.AdminsOnly}
 			for _, m := range g.Members {
 				mm := member{Username: m.Username, Admin: m.Admin}
 				for _, d := range m.Devices {
@@ -556,7 +587,11 @@ func cmdGroup(ctx context.Context, c *client.Client, args []string, stdin io.Rea
 			}
 			return json.NewEncoder(out).Encode(v)
 		}
-		fmt.Fprintf(out, "%s (%s), version %d\n", g.Name, g.GroupId, g.Version)
+		who := "admins"
+		if !g.AdminsOnly {
+			who = "any member"
+		}
+		fmt.Fprintf(out, "%s (%s), version %d, members added and removed by %s\n", g.Name, g.GroupId, g.Version, who)
 		for _, m := range g.Members {
 			role := ""
 			if m.Admin {

@@ -282,6 +282,8 @@ const (
 	GroupChange_LEAVE          GroupChange_Op = 3 // the requester leaves (members unused)
 	GroupChange_ADMIN          GroupChange_Op = 4 // members become admins
 	GroupChange_UNADMIN        GroupChange_Op = 5 // members stop being admins
+	GroupChange_ADMINS_ONLY    GroupChange_Op = 6 // only admins may add and remove members (the default; members unused)
+	GroupChange_ANY_MEMBER     GroupChange_Op = 7 // every member may add and remove members (members unused)
 )
 
 // Enum value maps for GroupChange_Op.
@@ -293,6 +295,8 @@ var (
 		3: "LEAVE",
 		4: "ADMIN",
 		5: "UNADMIN",
+		6: "ADMINS_ONLY",
+		7: "ANY_MEMBER",
 	}
 	GroupChange_Op_value = map[string]int32{
 		"OP_UNSPECIFIED": 0,
@@ -301,6 +305,8 @@ var (
 		"LEAVE":          3,
 		"ADMIN":          4,
 		"UNADMIN":        5,
+		"ADMINS_ONLY":    6,
+		"ANY_MEMBER":     7,
 	}
 )
 
@@ -5237,11 +5243,11 @@ const file_ferry_proto_rawDesc = "" +
 	"\x0fregistration_id\x18\x02 \x01(\rR\x0eregistrationId\";\n" +
 	"\vGroupCreate\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\amembers\x18\x02 \x03(\tR\amembers\"\xc3\x01\n" +
+	"\amembers\x18\x02 \x03(\tR\amembers\"\xe4\x01\n" +
 	"\vGroupChange\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12-\n" +
 	"\x02op\x18\x02 \x01(\x0e2\x1d.ferry.wire.v1.GroupChange.OpR\x02op\x12\x18\n" +
-	"\amembers\x18\x03 \x03(\tR\amembers\"P\n" +
+	"\amembers\x18\x03 \x03(\tR\amembers\"q\n" +
 	"\x02Op\x12\x12\n" +
 	"\x0eOP_UNSPECIFIED\x10\x00\x12\a\n" +
 	"\x03ADD\x10\x01\x12\n" +
@@ -5249,7 +5255,10 @@ const file_ferry_proto_rawDesc = "" +
 	"\x06REMOVE\x10\x02\x12\t\n" +
 	"\x05LEAVE\x10\x03\x12\t\n" +
 	"\x05ADMIN\x10\x04\x12\v\n" +
-	"\aUNADMIN\x10\x05\"%\n" +
+	"\aUNADMIN\x10\x05\x12\x0f\n" +
+	"\vADMINS_ONLY\x10\x06\x12\x0e\n" +
+	"\n" +
+	"ANY_MEMBER\x10\a\"%\n" +
 	"\bGetGroup\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\"\f\n" +
 	"\n" +
