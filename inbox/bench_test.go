@@ -89,11 +89,14 @@ func BenchmarkAppendGroup(b *testing.B) {
 		name   string
 		body   int
 		copies bool
+		inline int
 	}{
-		{"body=160", 160, false},
-		{"body=16KiB", 16 << 10, false},
-		{"copies/body=160", 160, true},
-		{"copies/body=16KiB", 16 << 10, true},
+		{"queued/body=160", 160, false, 0},
+		{"queued/body=16KiB", 16 << 10, false, 0},
+		{"inline/body=160", 160, false, devices},
+		{"inline/body=16KiB", 16 << 10, false, devices},
+		{"copies/body=160", 160, true, 0},
+		{"copies/body=16KiB", 16 << 10, true, 0},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			db, err := store.Open(b.TempDir(), store.Options{})
@@ -102,7 +105,7 @@ func BenchmarkAppendGroup(b *testing.B) {
 			}
 			defer db.Close()
 			c := &batchBytes{}
-			s, err := New(db, Options{SweepInterval: -1, commit: c.commit})
+			s, err := New(db, Options{SweepInterval: -1, commit: c.commit, FanoutInline: bc.inline})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -128,12 +131,18 @@ func BenchmarkAppendGroup(b *testing.B) {
 				}
 			}
 			appendOne(-1) // creates every device's meta
+			waitFanout(b, db)
 			c.n.Store(0)
+			var ack time.Duration
 			b.ResetTimer()
 			for i := range b.N {
+				t0 := time.Now()
 				appendOne(i)
+				ack += time.Since(t0)
 			}
+			waitFanout(b, db) // ns/op: until every entry is written
 			b.StopTimer()
+			b.ReportMetric(float64(ack.Microseconds())/1000/float64(b.N), "ack-ms/msg")
 			b.ReportMetric(float64(c.n.Load())/float64(b.N), "bytes/msg")
 			b.ReportMetric(float64(c.n.Load())/float64(b.N)/devices, "bytes/device")
 		})
