@@ -166,6 +166,18 @@ func Info(g *storepb.Group) *wirepb.GroupInfo {
 // have an account (ErrUnknownAccount); with the creator there may be at
 // most MaxMembers (ErrGroupFull). A bad name is ErrBadRequest.
 func (s *Store) Create(ctx context.Context, creator, name string, members []string) (*storepb.Group, error) {
+	return s.CreateWith(ctx, creator, name, members, nil)
+}
+
+// CommitFunc commits a change's writes (with whatever else must be atomic
+// with it) in one synced batch, given the group after the change and the
+// members it removed. Store calls it with the group's lock held; if it
+// fails, nothing of the change is stored.
+type CommitFunc func(ctx context.Context, g *storepb.Group, removed []string, writes []store.Write) error
+
+// CreateWith is Create with the writes committed by commit (nil: the
+// store's own synced batch).
+func (s *Store) CreateWith(ctx context.Context, creator, name string, members []string, commit CommitFunc) (*storepb.Group, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("group: create: %w", err)
 	}
@@ -199,7 +211,7 @@ func (s *Store) Create(ctx context.Context, creator, name string, members []stri
 	mu := s.lock(id)
 	mu.Lock()
 	defer mu.Unlock()
-	if err := s.write(g, names, nil, false); err != nil {
+	if err := s.write(ctx, g, names, nil, false, commit); err != nil {
 		return nil, fmt.Errorf("group: create: %w", err)
 	}
 	return g, nil
@@ -251,6 +263,13 @@ type Change struct {
 // the lowest username becomes admin; if nobody remains, the group is
 // deleted.
 func (s *Store) Change(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string) (Change, error) {
+	return s.ChangeWith(ctx, requester, id, op, members, nil)
+}
+
+// ChangeWith is Change with the writes committed by commit (nil: the
+// store's own synced batch). commit is not called for a change that changes
+// nothing.
+func (s *Store) ChangeWith(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string, commit CommitFunc) (Change, error) {
 	if err := ctx.Err(); err != nil {
 		return Change{}, fmt.Errorf("group: change: %w", err)
 	}
@@ -354,7 +373,7 @@ func (s *Store) Change(ctx context.Context, requester, id string, op wirepb.Grou
 	next.Version++
 	next.ChangedBy = requester
 	deleted := len(next.Members) == 0
-	if err := s.write(next, added, removed, deleted); err != nil {
+	if err := s.write(ctx, next, added, removed, deleted, commit); err != nil {
 		return Change{}, fmt.Errorf("group: change: %w", err)
 	}
 	return Change{Group: next, Removed: removed, Changed: true, Deleted: deleted}, nil
@@ -407,26 +426,38 @@ func (s *Store) checkAccounts(ctx context.Context, names []string) error {
 	return nil
 }
 
-// write stores g (or deletes it) with its index changes in one synced batch.
-func (s *Store) write(g *storepb.Group, added, removed []string, deleted bool) error {
-	b := s.db.NewBatch()
-	defer b.Close()
+// write stores g (or deletes it) with its index changes in one synced
+// batch: its own, or commit's.
+func (s *Store) write(ctx context.Context, g *storepb.Group, added, removed []string, deleted bool, commit CommitFunc) error {
 	id := [IDSize]byte(g.Id)
-	var err error
+	var ws []store.Write
 	if deleted {
-		err = b.Delete(recordKey(id), nil)
+		ws = append(ws, store.Write{Key: recordKey(id), Delete: true})
 	} else {
-		var v []byte
-		if v, err = (proto.MarshalOptions{Deterministic: true}).Marshal(g); err != nil {
+		v, err := (proto.MarshalOptions{Deterministic: true}).Marshal(g)
+		if err != nil {
 			return internal("encode group", err)
 		}
-		err = b.Set(recordKey(id), v, nil)
+		ws = append(ws, store.Write{Key: recordKey(id), Value: v})
 	}
 	for _, n := range added {
-		err = errors.Join(err, b.Set(memberKey(n, id), nil, nil))
+		ws = append(ws, store.Write{Key: memberKey(n, id), Value: []byte{}})
 	}
 	for _, n := range removed {
-		err = errors.Join(err, b.Delete(memberKey(n, id), nil))
+		ws = append(ws, store.Write{Key: memberKey(n, id), Delete: true})
+	}
+	if commit != nil {
+		return commit(ctx, g, removed, ws)
+	}
+	b := s.db.NewBatch()
+	defer b.Close()
+	var err error
+	for _, w := range ws {
+		if w.Delete {
+			err = errors.Join(err, b.Delete(w.Key, nil))
+		} else {
+			err = errors.Join(err, b.Set(w.Key, w.Value, nil))
+		}
 	}
 	if err == nil {
 		err = b.Commit(pebble.Sync)

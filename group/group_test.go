@@ -412,3 +412,50 @@ func TestContextCanceled(t *testing.T) {
 		t.Errorf("ListFor = %v", err)
 	}
 }
+
+// With a CommitFunc the store writes nothing itself: a failing commit
+// leaves the group as it was, and a good one gets every write of the change.
+func TestChangeWithCommit(t *testing.T) {
+	s, db := newStore(t, Options{})
+	g, err := s.Create(ctx(), "alice", "g", []string{"bob"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := FormatID(g.Id)
+	boom := errors.New("inbox down")
+	_, err = s.ChangeWith(ctx(), "alice", id, wirepb.GroupChange_REMOVE, []string{"bob"},
+		func(context.Context, *storepb.Group, []string, []store.Write) error { return boom })
+	if !errors.Is(err, boom) {
+		t.Fatalf("ChangeWith = %v, want the commit's error", err)
+	}
+	if got, _ := s.Get(ctx(), id); got.Version != 1 || len(got.Members) != 2 {
+		t.Fatalf("a failed commit changed the group: %v", got)
+	}
+	var seen []store.Write
+	c, err := s.ChangeWith(ctx(), "alice", id, wirepb.GroupChange_REMOVE, []string{"bob"},
+		func(_ context.Context, g *storepb.Group, removed []string, ws []store.Write) error {
+			if g.Version != 2 || !slices.Equal(removed, []string{"bob"}) {
+				t.Errorf("commit got version %d, removed %v", g.Version, removed)
+			}
+			seen = ws
+			b := db.NewBatch()
+			defer b.Close()
+			for _, w := range ws {
+				if w.Delete {
+					b.Delete(w.Key, nil)
+				} else {
+					b.Set(w.Key, w.Value, nil)
+				}
+			}
+			return b.Commit(pebble.Sync)
+		})
+	if err != nil || !c.Changed || len(seen) != 2 { // the record and bob's index key
+		t.Fatalf("ChangeWith = %+v, %v; writes %d", c, err, len(seen))
+	}
+	if got, _ := s.Get(ctx(), id); got.Version != 2 || len(got.Members) != 1 {
+		t.Fatalf("after the commit: %v", got)
+	}
+	if ids := listIDs(t, s, "bob"); len(ids) != 0 {
+		t.Fatalf("bob still lists the group: %v", ids)
+	}
+}

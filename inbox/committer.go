@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
 	"google.golang.org/protobuf/proto"
@@ -601,6 +602,7 @@ func (g *group) appendGroup(m *GroupAppend, body []byte) (Accepted, error) {
 		return Accepted{}, err
 	}
 	// Validated: from here on the op only writes.
+	g.apply(m.Also)
 	if ref.id != 0 {
 		ctr.v, ctr.dirty = ref.id, true
 		g.set(bodyKey(ref.id), body)
@@ -970,7 +972,18 @@ func (g *group) flush() {
 }
 
 func (g *group) set(k, v []byte) { g.fail(g.b.Set(k, v, nil)) }
-func (g *group) del(k []byte)    { g.fail(g.b.Delete(k, nil)) }
+
+// apply writes another store's changes into the batch.
+func (g *group) apply(ws []store.Write) {
+	for _, w := range ws {
+		if w.Delete {
+			g.del(w.Key)
+		} else {
+			g.set(w.Key, w.Value)
+		}
+	}
+}
+func (g *group) del(k []byte) { g.fail(g.b.Delete(k, nil)) }
 func (g *group) deleteRange(prefix []byte) {
 	g.fail(g.b.DeleteRange(prefix, prefixEnd(prefix), nil))
 }

@@ -121,6 +121,7 @@ func (g *group) queueGroup(m *GroupAppend, key string, body []byte, conv *counte
 		return Accepted{}, storageErr("encode fan-out job", err)
 	}
 	// Validated: from here on the op only writes.
+	g.apply(m.Also)
 	bodies.v, bodies.dirty = j.body.id, true
 	jobs.v, jobs.dirty = j.id, true
 	g.set(bodyKey(j.body.id), body)

@@ -256,3 +256,36 @@ func TestFanoutQueueIsBounded(t *testing.T) {
 		t.Fatalf("retry after the queue drained = %+v, want seq 2", acc)
 	}
 }
+
+// GroupAppend.Also commits with the append, inline and queued, or not at
+// all.
+func TestGroupAppendAlsoIsAtomic(t *testing.T) {
+	for _, n := range []int{2, 6} { // inline, queued (FanoutInline 4)
+		t.Run(fmt.Sprint(n, " recipients"), func(t *testing.T) {
+			gate := newGate()
+			close(gate.release)
+			gate.fail = func(call int) error {
+				if call == 1 {
+					return errors.New("disk gone")
+				}
+				return nil
+			}
+			s, db := newStore(t, Options{FanoutInline: 4, commit: gate.commit})
+			m := groupSend(alice1, "", "update", members(n)...)
+			m.Also = []store.Write{{Key: []byte("gr-test"), Value: []byte("v2")}}
+			if _, err := s.AppendGroup(context.Background(), m); err == nil {
+				t.Fatal("the failed commit succeeded")
+			}
+			if _, c, err := db.Get([]byte("gr-test")); err == nil {
+				c.Close()
+				t.Fatal("a failed append kept its Also write")
+			}
+			mustAppendGroup(t, s, m)
+			v, c, err := db.Get([]byte("gr-test"))
+			if err != nil || string(v) != "v2" {
+				t.Fatalf("Also write after the append: %q, %v", v, err)
+			}
+			c.Close()
+		})
+	}
+}

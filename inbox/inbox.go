@@ -60,6 +60,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -303,6 +304,10 @@ type GroupAppend struct {
 	// NoQuota skips the quota checks (server-made updates, like receipts:
 	// a membership change must reach everyone).
 	NoQuota bool
+	// Also are another store's writes that must commit atomically with
+	// this append (a membership change with its GROUP_UPDATE). They are
+	// applied as given, after the append validated.
+	Also []store.Write
 	// Order is the key of the order devices get group appends in; "" means
 	// Conversation. Give a group's updates its conversation, so they are not
 	// handed out ahead of messages queued before them.

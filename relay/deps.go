@@ -46,9 +46,11 @@ type Inbox interface {
 
 // Groups is what the relay needs of the group membership store.
 type Groups interface {
-	Create(ctx context.Context, creator, name string, members []string) (*storepb.Group, error)
+	// CreateWith and ChangeWith hand the membership writes to commit, which
+	// stores them in the batch of the GROUP_UPDATE (see group.CommitFunc).
+	CreateWith(ctx context.Context, creator, name string, members []string, commit group.CommitFunc) (*storepb.Group, error)
 	Get(ctx context.Context, id string) (*storepb.Group, error)
-	Change(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string) (group.Change, error)
+	ChangeWith(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string, commit group.CommitFunc) (group.Change, error)
 	ListFor(ctx context.Context, username string) ([]*storepb.Group, error)
 }
 

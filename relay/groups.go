@@ -9,8 +9,8 @@ package relay
 // ciphertext once for every other member device (inbox.AppendGroup).
 //
 // State kept here: striped per-group read-write locks. A change holds its
-// group's lock exclusively from the membership write until its
-// GROUP_UPDATE is committed; a send holds it shared from the view check
+// group's lock exclusively while its membership write and GROUP_UPDATE
+// commit (one batch); a send holds it shared from the view check
 // until its commit. So every inbox sees a group's messages and updates in
 // the order of the membership they were checked against, and a send
 // checked against version v is never stored after the update to v+1
@@ -24,6 +24,7 @@ import (
 
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
+	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -76,8 +77,10 @@ func memberDevices(info *wirepb.GroupInfo) []wire.DeviceAddr {
 
 // announce stores a GROUP_UPDATE with info for every device of its members
 // and of the removed accounts (so they learn they are out), in one synced
-// commit. It skips quotas: a membership change must reach everyone.
-func (c *conn) announce(ctx context.Context, info *wirepb.GroupInfo, removed []string) error {
+// commit together with also (the membership change itself, so a crash
+// cannot keep the change and lose its notice). It skips quotas: a
+// membership change must reach everyone.
+func (c *conn) announce(ctx context.Context, info *wirepb.GroupInfo, removed []string, also []store.Write) error {
 	to := memberDevices(info)
 	for _, name := range removed {
 		acct, err := c.s.deps.Accounts.Account(ctx, name)
@@ -91,7 +94,7 @@ func (c *conn) announce(ctx context.Context, info *wirepb.GroupInfo, removed []s
 			to = append(to, wire.DeviceAddr{Account: name, Device: d.Id})
 		}
 	}
-	if len(to) == 0 {
+	if len(to) == 0 && len(also) == 0 {
 		return nil
 	}
 	_, err := c.s.deps.Inbox.AppendGroup(ctx, inbox.GroupAppend{
@@ -101,6 +104,7 @@ func (c *conn) announce(ctx context.Context, info *wirepb.GroupInfo, removed []s
 		Recipients: to,
 		NoQuota:    true,
 		Order:      groupConversation(info.GroupId), // not ahead of messages queued before it
+		Also:       also,
 	})
 	if err == nil {
 		c.s.metrics.groupUpdates.Add(float64(len(to)))
@@ -108,35 +112,36 @@ func (c *conn) announce(ctx context.Context, info *wirepb.GroupInfo, removed []s
 	return err
 }
 
+// announcer is the group store's commit for a change: the membership
+// writes go into the GROUP_UPDATE's batch. It keeps the GroupInfo it
+// announced in *info.
+func (c *conn) announcer(info **wirepb.GroupInfo) group.CommitFunc {
+	return func(ctx context.Context, g *storepb.Group, removed []string, writes []store.Write) error {
+		i, err := c.s.groupInfo(ctx, g)
+		if err != nil {
+			return err
+		}
+		*info = i
+		return c.announce(ctx, i, removed, writes)
+	}
+}
+
 func (c *conn) groupCreate(ctx context.Context, m *wirepb.GroupCreate) (*wirepb.GroupInfo, error) {
-	g, err := c.s.deps.Groups.Create(ctx, c.addr.Account, m.Name, m.Members)
+	// No lock: nobody can send to or change the group before its id is
+	// announced, which is this commit.
+	var info *wirepb.GroupInfo
+	g, err := c.s.deps.Groups.CreateWith(ctx, c.addr.Account, m.Name, m.Members, c.announcer(&info))
 	if err != nil {
 		return nil, err
 	}
-	id := group.FormatID(g.Id)
-	mu := c.s.groups.get(id)
-	mu.Lock()
-	defer mu.Unlock()
-	info, err := c.s.groupInfo(ctx, g)
-	if err == nil {
-		err = c.announce(ctx, info, nil)
-	}
-	if err != nil {
-		// The group exists; answering with an error would make the client
-		// create another one. Members find it with ListGroups.
-		c.s.log.Error("relay: announce a new group", "group", id, "err", err)
-		if info == nil {
-			info = group.Info(g)
-		}
-	}
-	c.s.log.Info("relay: group created", "group", id[:8], "members", len(g.Members))
+	c.s.log.Info("relay: group created", "group", group.FormatID(g.Id)[:8], "members", len(g.Members))
 	return info, nil
 }
 
-// groupChange applies a change and announces the membership after it. If
-// the change was a no-op (a retry of a change that was made), the current
-// membership is announced again: the first attempt's announcement may have
-// failed after the membership was written.
+// groupChange applies a change and announces the membership after it, in
+// one commit. If the change was a no-op (a retry of a change that was
+// made), the current membership is announced again: a client that did not
+// get the first answer cannot tell, and the notice costs little.
 func (c *conn) groupChange(ctx context.Context, m *wirepb.GroupChange) (*wirepb.GroupInfo, error) {
 	if _, err := group.ParseID(m.GroupId); err != nil {
 		return nil, err
@@ -144,20 +149,21 @@ func (c *conn) groupChange(ctx context.Context, m *wirepb.GroupChange) (*wirepb.
 	mu := c.s.groups.get(m.GroupId)
 	mu.Lock()
 	defer mu.Unlock()
-	ch, err := c.s.deps.Groups.Change(ctx, c.addr.Account, m.GroupId, m.Op, m.Members)
+	var info *wirepb.GroupInfo
+	ch, err := c.s.deps.Groups.ChangeWith(ctx, c.addr.Account, m.GroupId, m.Op, m.Members, c.announcer(&info))
 	if err != nil {
 		return nil, err
 	}
-	info, err := c.s.groupInfo(ctx, ch.Group)
-	if err != nil {
-		return nil, err
+	if !ch.Changed {
+		if info, err = c.s.groupInfo(ctx, ch.Group); err != nil {
+			return nil, err
+		}
+		if err := c.announce(ctx, info, nil, nil); err != nil {
+			return nil, err
+		}
+		return info, nil
 	}
-	if err := c.announce(ctx, info, ch.Removed); err != nil {
-		return nil, err
-	}
-	if ch.Changed {
-		c.s.log.Info("relay: group changed", "group", m.GroupId[:8], "op", m.Op.String(), "version", ch.Group.Version)
-	}
+	c.s.log.Info("relay: group changed", "group", m.GroupId[:8], "op", m.Op.String(), "version", ch.Group.Version)
 	return info, nil
 }
 

@@ -95,6 +95,14 @@ func Open(dir string, o Options) (*pebble.DB, error) {
 // OpenMem opens an in-memory database for tests.
 func OpenMem() (*pebble.DB, error) { return Open("", Options{FS: vfs.NewMem()}) }
 
+// Write is one key change a store hands to another store's batch, so that
+// changes of two stores commit atomically (group membership with its
+// GROUP_UPDATE envelopes). The key stays under its owner's prefix.
+type Write struct {
+	Key, Value []byte
+	Delete     bool
+}
+
 // DeviceKey returns username 0x00 device(4), the device part of many keys.
 func DeviceKey(dst []byte, username string, device uint32) []byte {
 	dst = append(dst, username...)
