@@ -1,9 +1,19 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/ferryhq/ferry/client/e2ee"
+	"github.com/ferryhq/ferry/client/localstore"
+	"github.com/ferryhq/ferry/store"
+	"github.com/ferryhq/ferry/wire/wirepb"
+	"google.golang.org/protobuf/proto"
 )
 
 // A group of three people, bob with two devices: every send reaches every
@@ -64,6 +74,12 @@ func TestBlackBoxGroups(t *testing.T) {
 	// Carol is removed: she is told, and gets nothing after.
 	mustFerry(t, alice, "group", "remove", "team", "carol")
 	mustFerry(t, alice, "group", "send", "team", "without carol")
+	// Carol's device, which holds alice's old sender key, cannot read the
+	// ciphertext the server stored for the others (alice rotated her key).
+	env := newestGroupMessage(t, srv)
+	if err := decryptAs(t, carol, "carol", env); !errors.Is(err, e2ee.ErrNoSenderKey) {
+		t.Fatalf("carol's device on the message after her removal: %v, want ErrNoSenderKey", err)
+	}
 	for _, l := range parseLines(t, mustFerry(t, carol, "recv", "--json")) {
 		if l.Text == "without carol" {
 			t.Fatal("a removed member received a group message")
@@ -133,4 +149,58 @@ func TestBlackBoxReceiptsAreMarkers(t *testing.T) {
 	if lines != 3 || readers["delivered"]["bob"] != 5 || readers["delivered"]["carol"] != 5 || readers["read"]["bob"] != 5 {
 		t.Fatalf("group receipts: %d lines, %v; want delivered from bob and carol and read from bob, each at seq 5", lines, readers)
 	}
+}
+
+// newestGroupMessage stops srv, reads the newest group message body from its
+// Pebble (opened read-only, as an auditor would) and starts it again.
+func newestGroupMessage(t *testing.T, srv *server) *wirepb.Envelope {
+	t.Helper()
+	srv.term()
+	defer srv.restart()
+	db, err := store.Open(srv.data, store.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	it, err := db.NewIter(&pebble.IterOptions{LowerBound: []byte{store.PrefixGroupBody}, UpperBound: []byte{store.PrefixGroupBody + 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer it.Close()
+	var newest *wirepb.Envelope
+	for ok := it.First(); ok; ok = it.Next() {
+		if k := it.Key(); len(k) != 10 || k[9] != 'b' {
+			continue
+		}
+		env := &wirepb.Envelope{}
+		if err := proto.Unmarshal(it.Value(), env); err != nil {
+			t.Fatal(err)
+		}
+		if env.Type == wirepb.EnvelopeType_SENDER_KEY_MESSAGE {
+			newest = env // bodies are in id order
+		}
+	}
+	if newest == nil {
+		t.Fatal("no group message body in the store")
+	}
+	newest.Id = 1 << 40 // an id the device has not seen
+	return newest
+}
+
+// decryptAs hands env to the Signal state of the device in home, as if its
+// server had delivered it.
+func decryptAs(t *testing.T, home, username string, env *wirepb.Envelope) error {
+	t.Helper()
+	ctx := context.Background()
+	st, err := localstore.Open(filepath.Join(home, "device.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	dev, err := e2ee.Load(ctx, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = dev.Receive(ctx, username, env)
+	return err
 }
