@@ -16,7 +16,12 @@
 // which checks the signatures of its Register and Auth frames. A copy of the
 // database lets no one act as a device.
 //
-// Reads are Pebble Gets and return fresh copies; there is no cache.
+// Reads return fresh copies. Encoded account records are cached (a bounded
+// map, Options.CacheSize): every write of a record goes through this store
+// under the account's lock and refreshes the cache after it committed, and a
+// miss is filled under the same lock, so the cache never holds a record
+// older than Pebble's. Whatever else writes 'a' keys (a shard move in
+// cluster mode) must start a new Store.
 package device
 
 import (
@@ -52,6 +57,9 @@ type Options struct {
 	// name at most devicelist.MaxDevices devices, so larger values are
 	// lowered to that.
 	MaxDevices int
+	// CacheSize is how many encoded account records are kept in memory;
+	// 0 means 100,000 (about 200 bytes each), a negative value none.
+	CacheSize int
 }
 
 // Store is the account and device store. It is safe for concurrent use.
@@ -61,12 +69,16 @@ type Store struct {
 	maxDevices int
 	seed       maphash.Seed
 	locks      [64]sync.Mutex // striped by username
+	cache      *recordCache
 }
 
 // New returns a Store over db, which it reads and writes only under the
 // store.PrefixAccount and store.PrefixDeviceList prefixes.
 func New(db *pebble.DB, o Options) *Store {
-	s := &Store{db: db, now: o.Now, maxDevices: o.MaxDevices, seed: maphash.MakeSeed()}
+	if o.CacheSize == 0 {
+		o.CacheSize = 100_000
+	}
+	s := &Store{db: db, now: o.Now, maxDevices: o.MaxDevices, seed: maphash.MakeSeed(), cache: newRecordCache(o.CacheSize)}
 	if s.now == nil {
 		s.now = time.Now
 	}
@@ -134,11 +146,28 @@ func (s *Store) Account(ctx context.Context, username string) (*storepb.Account,
 	if ValidateUsername(username) != nil {
 		return nil, fmt.Errorf("device: account: %w", fresh(ErrUnknownAccount))
 	}
-	acct, err := s.load(username)
+	acct, err := s.loadCached(username)
 	if err != nil {
 		return nil, fmt.Errorf("device: account %q: %w", username, err)
 	}
 	return acct, nil
+}
+
+// loadCached is load through the cache, filling it on a miss under the
+// account's lock.
+func (s *Store) loadCached(username string) (*storepb.Account, error) {
+	if v, ok := s.cache.get(username); ok {
+		return decodeAccount(v)
+	}
+	mu := s.lock(username)
+	mu.Lock()
+	defer mu.Unlock()
+	v, err := s.loadRaw(username)
+	if err != nil {
+		return nil, err
+	}
+	s.cache.put(username, v)
+	return decodeAccount(v)
 }
 
 // Device returns a fresh copy of the record of device addr: ErrUnknownAccount
@@ -267,7 +296,20 @@ func accountKey(username string) []byte {
 }
 
 // load reads and decodes the account record: ErrUnknownAccount if absent.
+// Callers hold the account's lock (a cache hit is then current).
 func (s *Store) load(username string) (*storepb.Account, error) {
+	if v, ok := s.cache.get(username); ok {
+		return decodeAccount(v)
+	}
+	v, err := s.loadRaw(username)
+	if err != nil {
+		return nil, err
+	}
+	return decodeAccount(v)
+}
+
+// loadRaw reads the encoded account record from Pebble.
+func (s *Store) loadRaw(username string) ([]byte, error) {
 	v, closer, err := s.db.Get(accountKey(username))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, fresh(ErrUnknownAccount)
@@ -276,6 +318,10 @@ func (s *Store) load(username string) (*storepb.Account, error) {
 		return nil, fmt.Errorf("read account record: %w: %w", fresh(ErrInternal), err)
 	}
 	defer closer.Close()
+	return slices.Clone(v), nil
+}
+
+func decodeAccount(v []byte) (*storepb.Account, error) {
 	acct := &storepb.Account{}
 	if err := proto.Unmarshal(v, acct); err != nil {
 		return nil, fmt.Errorf("decode account record: %w: %w", fresh(ErrInternal), err)
@@ -290,7 +336,52 @@ func (s *Store) save(acct *storepb.Account) error {
 		return fmt.Errorf("encode account record: %w: %w", fresh(ErrInternal), err)
 	}
 	if err := s.db.Set(accountKey(acct.Username), v, pebble.Sync); err != nil {
+		s.cache.drop(acct.Username)
 		return fmt.Errorf("write account record: %w: %w", fresh(ErrInternal), err)
 	}
+	s.cache.put(acct.Username, v)
 	return nil
+}
+
+// recordCache is a bounded map of encoded records; an arbitrary entry goes
+// when it is full. Values are never modified.
+type recordCache struct {
+	mu  sync.RWMutex
+	m   map[string][]byte // guarded by mu
+	max int
+}
+
+func newRecordCache(max int) *recordCache {
+	return &recordCache{m: make(map[string][]byte), max: max}
+}
+
+func (c *recordCache) get(k string) ([]byte, bool) {
+	if c.max <= 0 {
+		return nil, false
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	v, ok := c.m[k]
+	return v, ok
+}
+
+func (c *recordCache) put(k string, v []byte) {
+	if c.max <= 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.m[k]; !ok && len(c.m) >= c.max {
+		for old := range c.m {
+			delete(c.m, old)
+			break
+		}
+	}
+	c.m[k] = v
+}
+
+func (c *recordCache) drop(k string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, k)
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -537,5 +538,63 @@ func TestSentinelsNotHandedOut(t *testing.T) {
 	}
 	if we == device.ErrUsernameTaken {
 		t.Fatal("the sentinel itself was returned; a caller could change it")
+	}
+}
+
+// Reads racing writes never see an account older than the last write they
+// could have observed, with the cache on, off, or too small to hold them.
+func TestAccountCacheStaysCurrent(t *testing.T) {
+	for _, size := range []int{0, -1, 1} {
+		t.Run(fmt.Sprint("cache ", size), func(t *testing.T) {
+			s, _ := newStore(t, device.Options{MaxDevices: 64, CacheSize: size})
+			ctx := context.Background()
+			register(t, s, "alice")
+			register(t, s, "bob")
+			pub, _ := newKey(t)
+			var wg sync.WaitGroup
+			stop := make(chan struct{})
+			for range 4 { // readers: the device count never goes down
+				wg.Go(func() {
+					last := 0
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						for _, name := range []string{"alice", "bob"} {
+							acct, err := s.Account(ctx, name)
+							if err != nil {
+								t.Error(err)
+								return
+							}
+							if name == "alice" {
+								if len(acct.Devices) < last {
+									t.Errorf("alice went from %d to %d devices", last, len(acct.Devices))
+									return
+								}
+								last = len(acct.Devices)
+							}
+						}
+					}
+				})
+			}
+			for range 30 {
+				if _, err := s.AddDevice(ctx, "alice", pub, 5); err != nil {
+					t.Fatal(err)
+				}
+			}
+			close(stop)
+			wg.Wait()
+			if acct, err := s.Account(ctx, "alice"); err != nil || len(acct.Devices) != 31 {
+				t.Fatalf("alice after the adds: %d devices, %v", len(acct.GetDevices()), err)
+			}
+			if err := s.RemoveDevice(ctx, wire.DeviceAddr{Account: "alice", Device: 2}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.Device(ctx, wire.DeviceAddr{Account: "alice", Device: 2}); !errors.Is(err, device.ErrUnknownDevice) {
+				t.Fatalf("a removed device is still served: %v", err)
+			}
+		})
 	}
 }

@@ -126,7 +126,11 @@ func (s *Store) PublishDeviceList(ctx context.Context, username string, signed *
 		err = b.Commit(pebble.Sync)
 	}
 	if err != nil {
+		s.cache.drop(username)
 		return nil, fmt.Errorf("device: publish device list of %q: %w: %w", username, fresh(ErrInternal), err)
+	}
+	if len(removed) > 0 {
+		s.cache.drop(username) // the next read fills it under the lock
 	}
 	return removed, nil
 }

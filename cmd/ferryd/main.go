@@ -51,6 +51,7 @@ type config struct {
 	maxDevices       int
 	maxGroupMembers  int
 	fanoutInline     int
+	accountCache     int
 	fanoutChunk      int
 	maxFanoutJobs    int
 	linkTTL          time.Duration
@@ -91,6 +92,7 @@ func main() {
 	fs.IntVar(&c.claimBurst, "claim-burst", 20, "prekey bundle claim burst per requesting device")
 	fs.IntVar(&c.maxDevices, "max-devices", device.DefaultMaxDevices, "devices per account, the primary included")
 	fs.IntVar(&c.maxGroupMembers, "max-group-members", group.DefaultMaxMembers, "members per group")
+	fs.IntVar(&c.accountCache, "account-cache", 100000, "account records kept in memory (negative: none)")
 	fs.IntVar(&c.fanoutInline, "group-fanout-inline", 256, "recipient devices a group send writes before its ack; larger sends are queued durably and expanded after it")
 	fs.IntVar(&c.fanoutChunk, "group-fanout-chunk", 256, "entries of a queued group send written per commit")
 	fs.IntVar(&c.maxFanoutJobs, "max-fanout-jobs", 1024, "queued large group sends; over it they fail with a retryable UNAVAILABLE")
@@ -143,7 +145,7 @@ func run(c config) error {
 		db.Close()
 		return err
 	}
-	accounts := device.New(db, device.Options{MaxDevices: c.maxDevices})
+	accounts := device.New(db, device.Options{MaxDevices: c.maxDevices, CacheSize: c.accountCache})
 	srv = relay.New(relay.Config{
 		MaxFrameBytes: c.maxFrameBytes, MaxMessageBytes: c.maxMessageBytes, DeliveryWindow: c.window,
 		MaxPrekeysPerUpload: c.maxPrekeysUpload,
