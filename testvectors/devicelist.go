@@ -128,4 +128,3 @@ func deviceListVectors() (map[string]vector, error) {
 	}
 	return out, nil
 }
-
