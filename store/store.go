@@ -37,6 +37,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -103,4 +104,24 @@ func (quietLogger) Errorf(format string, args ...any) {
 }
 func (quietLogger) Fatalf(format string, args ...any) {
 	panic(fmt.Sprintf("pebble: "+format, args...))
+}
+
+// KV is one stored key and value.
+type KV struct{ Key, Value []byte }
+
+// Dump returns every key and value in db, in key order (copies). It is
+// for audits, tests and the inbox test vectors, not for serving.
+func Dump(db *pebble.DB) ([]KV, error) {
+	it, err := db.NewIter(nil)
+	if err != nil {
+		return nil, fmt.Errorf("store: dump: %w", err)
+	}
+	var out []KV
+	for it.First(); it.Valid(); it.Next() {
+		out = append(out, KV{Key: slices.Clone(it.Key()), Value: slices.Clone(it.Value())})
+	}
+	if err := errors.Join(it.Error(), it.Close()); err != nil {
+		return nil, fmt.Errorf("store: dump: %w", err)
+	}
+	return out, nil
 }

@@ -52,7 +52,10 @@ func (s *memStore) ContainsPreKey(_ context.Context, id uint32) (bool, error) {
 	_, ok := s.preKeys[id]
 	return ok, nil
 }
-func (s *memStore) RemovePreKey(_ context.Context, id uint32) error { delete(s.preKeys, id); return nil }
+func (s *memStore) RemovePreKey(_ context.Context, id uint32) error {
+	delete(s.preKeys, id)
+	return nil
+}
 
 func (s *memStore) LoadSignedPreKey(_ context.Context, id uint32) (*record.SignedPreKey, error) {
 	return s.signed[id], nil
