@@ -72,6 +72,11 @@ type Options struct {
 // an unreadable directory is an error: a node refuses to serve rather than
 // serve wrong data.
 func Open(dir string, o Options) (*pebble.DB, error) {
+	if o.FS == nil && !o.ReadOnly {
+		if err := finishCompact(dir); err != nil {
+			return nil, fmt.Errorf("%w %s: %w", ErrOpen, dir, err)
+		}
+	}
 	opts := &pebble.Options{
 		FS:       o.FS,
 		ReadOnly: o.ReadOnly,
