@@ -4,7 +4,7 @@
 // Vectors are JSON files, one case per file, under testvectors/<kind>/. Each
 // names its kind ("kind") and what a correct implementation concludes
 // ("expect"). The committed files are the source of truth; the generator
-// (go test ./testvectors/ -run TestGenerate -update) only writes them.
+// (Generate, WriteDir; ferry vectors generate DIR) writes them byte for byte.
 //
 // Kinds (one folder each):
 //
