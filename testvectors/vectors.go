@@ -224,12 +224,22 @@ func VerifyDir(dir string) ([]Result, error) {
 
 // VerifyFile verifies one vector file.
 func VerifyFile(path string) Result {
-	r := Result{Path: path}
 	b, err := os.ReadFile(path)
 	if err != nil {
-		r.Detail = err.Error()
-		return r
+		return Result{Path: path, Detail: err.Error()}
 	}
+	return verifyBytes(path, b)
+}
+
+// verifyBytes verifies the contents b of the vector file at path. A panic
+// (a bug, or a library fed bytes it cannot take) is a failed Result.
+func verifyBytes(path string, b []byte) (r Result) {
+	r = Result{Path: path}
+	defer func() {
+		if p := recover(); p != nil {
+			r.OK, r.Detail = false, fmt.Sprintf("verifier panicked: %v", p)
+		}
+	}()
 	var head struct {
 		Kind string `json:"kind"`
 	}
