@@ -182,6 +182,12 @@ func (r *recorder) record(b []byte, fromClient bool) {
 			}
 		case *wirepb.ClientFrame_PublishDeviceList:
 			add(&secrets, x.PublishDeviceList.GetList().GetSignature())
+		case *wirepb.ClientFrame_LinkStart:
+			add(&secrets, x.LinkStart.DeviceKey, x.LinkStart.IdentityKey, x.LinkStart.EphemeralKey)
+		case *wirepb.ClientFrame_GetLink:
+			add(&secrets, x.GetLink.CodeId)
+		case *wirepb.ClientFrame_ApproveLink:
+			add(&secrets, x.ApproveLink.CodeId, x.ApproveLink.EphemeralKey, x.ApproveLink.Sealed)
 		}
 	} else {
 		f := &wirepb.ServerFrame{}
@@ -190,6 +196,12 @@ func (r *recorder) record(b []byte, fromClient bool) {
 		}
 		if w := f.GetResponse().GetWelcome(); w != nil {
 			add(&secrets, w.Challenge)
+		}
+		if l := f.GetResponse().GetLinkStart(); l != nil {
+			add(&secrets, l.CodeId)
+		}
+		if l := f.GetEvent().GetLinkApproved(); l != nil {
+			add(&secrets, l.EphemeralKey, l.Sealed)
 		}
 		if e := f.GetEvent().GetEnvelope(); e != nil {
 			add(&content, e.Content)
@@ -294,13 +306,13 @@ func needlesOf(prefix string, bs [][]byte) map[string][]byte {
 	return m
 }
 
-// conversation runs alice and bob through 1:1 messages both ways and a
-// group message, every one received (and so acked) and every receipt
-// drained, and returns the plaintexts.
-func conversation(t *testing.T, url string) []string {
+// conversation runs alice and bob through 1:1 messages both ways, the
+// linking of a second device of bob's (which gets his history), and a group
+// message, every one received (and so acked) and every receipt drained. It
+// returns the plaintexts and the link code.
+func conversation(t *testing.T, url string) (texts []string, linkCode string) {
 	t.Helper()
 	n := rand.Int64()
-	texts := []string{}
 	text := func(s string) string {
 		s = fmt.Sprintf("%s %d", s, n)
 		texts = append(texts, s)
@@ -313,10 +325,13 @@ func conversation(t *testing.T, url string) []string {
 	mustFerry(t, alice, "send", "bob", text("bring the second key"))
 	got := parseLines(t, mustFerry(t, bob, "recv", "--json"))
 	mustFerry(t, bob, "send", "alice", text("understood, see you at nine"))
+	bob2, code := linkVia(t, url, bob)
+	mustFerry(t, alice, "send", "bob", text("to both of your devices"))
 	mustFerry(t, alice, "group", "create", "team", "bob")
 	mustFerry(t, alice, "group", "send", "team", text("the plan changed"))
 	for range 3 { // drain: messages, sender keys, updates, receipts
 		got = append(got, parseLines(t, mustFerry(t, bob, "recv", "--json"))...)
+		got = append(got, parseLines(t, mustFerry(t, bob2, "recv", "--json"))...)
 		got = append(got, parseLines(t, mustFerry(t, alice, "recv", "--json"))...)
 	}
 	var recvd []string
@@ -330,7 +345,7 @@ func conversation(t *testing.T, url string) []string {
 			t.Fatalf("%q was not delivered (got %q)", s, recvd)
 		}
 	}
-	return texts
+	return texts, code
 }
 
 func textNeedles(texts []string) map[string][]byte {
@@ -357,7 +372,7 @@ func TestBlackBoxAuditDeliveredLeavesNothing(t *testing.T) {
 	data := t.TempDir()
 	srv := startServer(t, data, "--compact-on-exit")
 	rec := newRecorder(t, srv.addr)
-	texts := conversation(t, rec.url())
+	texts, code := conversation(t, rec.url())
 	srv.term()
 	if n := inboxEntries(t, data); n != 0 {
 		t.Fatalf("%d inbox entries left after every ack", n)
@@ -382,7 +397,8 @@ func TestBlackBoxAuditDeliveredLeavesNothing(t *testing.T) {
 	if !strings.Contains(srv.log.String(), "relay: registered") {
 		t.Fatal("ferryd's log lacks the relay's lines: the log audit would prove nothing")
 	}
-	for _, f := range audit(t, logFile, merge(onDisk, needlesOf("key or token", secrets)), nil) {
+	tokens := merge(onDisk, needlesOf("key or token", secrets), map[string][]byte{"link code": []byte(code)})
+	for _, f := range audit(t, logFile, tokens, nil) {
 		t.Error(f)
 	}
 }
