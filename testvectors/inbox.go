@@ -60,17 +60,17 @@ type InboxStep struct {
 	Sender       string       `json:"sender,omitempty"` // "account.device"
 	ClientMsgID  string       `json:"client_msg_id,omitempty"`
 	Conversation string       `json:"conversation,omitempty"`
-	Entries      []InboxEntry `json:"entries,omitempty"`      // send
-	Envelope     Hex          `json:"envelope,omitempty"`     // group_send: the shared envelope (wirepb.Envelope)
-	Body         Hex          `json:"body,omitempty"`         // group_send: the sender-key ciphertext
-	Recipients   []string     `json:"recipients,omitempty"`   // group_send
-	Device       string       `json:"device,omitempty"`       // ack
-	IDs          []uint64     `json:"ids,omitempty"`          // ack
-	AdvanceMs    int64        `json:"advance_ms,omitempty"`   // advance
-	Expired      int          `json:"expired,omitempty"`      // expire: how many entries it deleted
-	Accepted     *AcceptedJS  `json:"accepted,omitempty"`     // send, group_send: the result
-	Deleted      []uint64     `json:"deleted,omitempty"`      // ack: the ids deleted
-	Content      string       `json:"content_note,omitempty"` // for humans
+	Entries      []InboxEntry `json:"entries,omitempty"`    // send
+	Envelope     Hex          `json:"envelope,omitempty"`   // group_send: the shared envelope (wirepb.Envelope)
+	Body         Hex          `json:"body,omitempty"`       // group_send: the sender-key ciphertext
+	Recipients   []string     `json:"recipients,omitempty"` // group_send
+	Device       string       `json:"device,omitempty"`     // ack
+	IDs          []uint64     `json:"ids,omitempty"`        // ack
+	AdvanceMs    int64        `json:"advance_ms,omitempty"` // advance
+	Expired      int          `json:"expired,omitempty"`    // expire: how many entries it deleted
+	Accepted     *AcceptedJS  `json:"accepted,omitempty"`   // send, group_send: the result
+	Deleted      []uint64     `json:"deleted,omitempty"`    // ack: the ids deleted
+	Note         string       `json:"note,omitempty"`       // for humans
 }
 
 // InboxEntry is one recipient device's envelope of a send.
@@ -352,7 +352,7 @@ func inboxVectors() (map[string]vector, error) {
 	}
 	// Ciphertext stand-ins: the server never looks inside.
 	send := InboxStep{Op: "send", Sender: "alice.1", ClientMsgID: "m1", Conversation: "d:alice:bob",
-		Content: "the content bytes stand for Signal ciphertexts: the server stores them as given",
+		Note: "the content bytes stand for Signal ciphertexts: the server stores them as given",
 		Entries: []InboxEntry{
 			{To: "bob.1", Envelope: env(wirepb.EnvelopeType_PREKEY_SIGNAL_MESSAGE, "ciphertext for bob.1")},
 			{To: "bob.2", Envelope: env(wirepb.EnvelopeType_SIGNAL_MESSAGE, "ciphertext for bob.2")},
