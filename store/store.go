@@ -45,6 +45,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -80,6 +81,11 @@ type Options struct {
 // an unreadable directory is an error: a node refuses to serve rather than
 // serve wrong data.
 func Open(dir string, o Options) (*pebble.DB, error) {
+	if o.FS == nil && !o.ReadOnly {
+		if err := finishCompact(dir); err != nil {
+			return nil, fmt.Errorf("%w %s: %w", ErrOpen, dir, err)
+		}
+	}
 	opts := &pebble.Options{
 		FS:       o.FS,
 		ReadOnly: o.ReadOnly,
@@ -120,4 +126,24 @@ func (quietLogger) Errorf(format string, args ...any) {
 }
 func (quietLogger) Fatalf(format string, args ...any) {
 	panic(fmt.Sprintf("pebble: "+format, args...))
+}
+
+// KV is one stored key and value.
+type KV struct{ Key, Value []byte }
+
+// Dump returns every key and value in db, in key order (copies). It is
+// for audits, tests and the inbox test vectors, not for serving.
+func Dump(db *pebble.DB) ([]KV, error) {
+	it, err := db.NewIter(nil)
+	if err != nil {
+		return nil, fmt.Errorf("store: dump: %w", err)
+	}
+	var out []KV
+	for it.First(); it.Valid(); it.Next() {
+		out = append(out, KV{Key: slices.Clone(it.Key()), Value: slices.Clone(it.Value())})
+	}
+	if err := errors.Join(it.Error(), it.Close()); err != nil {
+		return nil, fmt.Errorf("store: dump: %w", err)
+	}
+	return out, nil
 }

@@ -2,8 +2,6 @@ package testvectors
 
 import (
 	"bytes"
-	"crypto/sha256"
-	"encoding/json"
 	"flag"
 	"os"
 	"path/filepath"
@@ -18,206 +16,119 @@ import (
 
 var update = flag.Bool("update", false, "rewrite the committed vector files (TestGenerate)")
 
-// fixedKey is the key pair of name, from a fixed 32-byte seed.
-func fixedKey(name string) *ecc.ECKeyPair {
-	seed := sha256.Sum256([]byte("ferry-testvectors-v1 " + name))
-	return ecc.CreateKeyPair(seed[:])
-}
-
-func pubKey(name string) []byte { return fixedKey(name).PublicKey().Serialize() }
-
-// createdMs is the fixed creation time of every generated list (2026-01-01).
-const createdMs = 1767225600000
-
-type entry struct {
-	id  uint32
-	key []byte
-}
-
-func dl(username string, version uint64, es ...entry) *wirepb.DeviceList {
-	l := &wirepb.DeviceList{Username: username, Version: version, CreatedMs: createdMs}
-	for _, e := range es {
-		l.Devices = append(l.Devices, &wirepb.DeviceListEntry{DeviceId: e.id, IdentityKey: e.key})
-	}
-	return l
-}
-
-func dev(id uint32, name string) entry { return entry{id, pubKey(name)} }
-
-// sign encodes l deterministically and signs it with signer's key without
-// any check (vectors need invalid lists too).
-func sign(t *testing.T, signer string, l *wirepb.DeviceList) *wirepb.SignedDeviceList {
+// committed returns the committed vector files by path relative to this folder.
+func committed(t *testing.T, dir string) map[string][]byte {
 	t.Helper()
-	b, err := devicelist.Encode(l)
+	out := map[string][]byte{}
+	files, err := filepath.Glob(filepath.Join(dir, "*", "*.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	sig := ecc.CalculateSignature(fixedKey(signer).PrivateKey(), devicelist.SignedBytes(b))
-	return &wirepb.SignedDeviceList{List: b, Signature: sig[:]}
-}
-
-// deviceListVectors builds every devicelist vector, by file name.
-// XEdDSA signing draws randomness from crypto/rand: each case's signing
-// starts from the same fixed stream, so the output depends on nothing else.
-func deviceListVectors(t *testing.T) map[string]*DeviceListVector {
-	keys := map[string]Hex{}
-	for _, n := range []string{"bob.1", "bob.2", "bob.3", "carol.1", "eve"} {
-		keys[n] = pubKey(n)
-	}
-	s := func(signer string, l *wirepb.DeviceList) *wirepb.SignedDeviceList {
-		cryptotest.SetGlobalRandom(t, 1)
-		return sign(t, signer, l)
-	}
-	v1 := s("bob.1", dl("bob", 1, dev(1, "bob.1"), dev(2, "bob.2")))
-	v2 := s("bob.1", dl("bob", 2, dev(1, "bob.1"), dev(2, "bob.2"), dev(3, "bob.3")))
-	v2other := s("bob.1", dl("bob", 2, dev(1, "bob.1"), dev(3, "bob.3")))
-	flipped := func(sl *wirepb.SignedDeviceList, inList bool, i int) *wirepb.SignedDeviceList {
-		c := &wirepb.SignedDeviceList{List: bytes.Clone(sl.List), Signature: bytes.Clone(sl.Signature)}
-		if inList {
-			c.List[i] ^= 0x01
-		} else {
-			c.Signature[i] ^= 0x01
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
 		}
-		return c
-	}
-	// The server appends a device with a key it made up, keeping the signature.
-	added := dl("bob", 2, dev(1, "bob.1"), dev(2, "bob.2"), dev(3, "bob.3"), dev(4, "eve"))
-	addedBytes, _ := devicelist.Encode(added)
-	serverAdded := &wirepb.SignedDeviceList{List: addedBytes, Signature: bytes.Clone(v2.Signature)}
-	shortKey := entry{2, pubKey("bob.2")[:32]}
-
-	type c struct {
-		desc, expect string
-		user         string
-		pinned       []byte
-		seenV        uint64
-		seenList     []byte
-		sl           *wirepb.SignedDeviceList
-	}
-	bob1 := pubKey("bob.1")
-	cases := map[string]c{
-		"valid-tofu": {"first list of bob seen (no pinned key): trusted on first use; pin bob.1's key",
-			ExpectValid, "bob", nil, 0, nil, v1},
-		"valid-pinned": {"bob's version 2, signed by the pinned key, after version 1",
-			ExpectValid, "bob", bob1, 1, v1.List, v2},
-		"valid-same-version-same-bytes": {"the list seen before, served again",
-			ExpectValid, "bob", bob1, 2, v2.List, v2},
-		"tampered-list-byte": {"one bit of the signed list bytes flipped (in created_ms)",
-			"ErrBadSignature", "bob", bob1, 1, v1.List, flipped(v2, true, len(v2.List)-1)},
-		"tampered-signature": {"one bit of the signature flipped",
-			"ErrBadSignature", "bob", bob1, 1, v1.List, flipped(v2, false, 0)},
-		"server-added-device": {"the server added device 4 with a key it made up and kept the signature",
-			"ErrBadSignature", "bob", bob1, 1, v1.List, serverAdded},
-		"signed-by-other-key-tofu": {"names bob.1 as device 1 but is signed by another key (no pinned key)",
-			"ErrBadSignature", "bob", nil, 0, nil, s("eve", dl("bob", 1, dev(1, "bob.1")))},
-		"rollback-older-version": {"version 1 served after version 2 was seen",
-			"ErrRollback", "bob", bob1, 2, v2.List, v1},
-		"same-version-different-bytes": {"version 2 with other devices than the version 2 seen before",
-			"ErrRollback", "bob", bob1, 2, v2.List, v2other},
-		"wrong-signer": {"a self-consistent list for bob whose device 1 and signer is eve, not the pinned bob.1",
-			"ErrWrongSigner", "bob", bob1, 2, v2.List, s("eve", dl("bob", 3, dev(1, "eve"), dev(2, "bob.2")))},
-		"wrong-account": {"carol's valid list served as bob's",
-			"ErrWrongAccount", "bob", nil, 0, nil, s("carol.1", dl("carol", 1, dev(1, "carol.1")))},
-		"missing-device-1": {"no device 1 (the primary)",
-			"ErrInvalid", "bob", nil, 0, nil, s("bob.2", dl("bob", 1, dev(2, "bob.2"), dev(3, "bob.3")))},
-		"unsorted-devices": {"device ids not strictly ascending",
-			"ErrInvalid", "bob", bob1, 1, v1.List, s("bob.1", dl("bob", 2, dev(1, "bob.1"), dev(3, "bob.3"), dev(2, "bob.2")))},
-		"bad-identity-key-length": {"device 2's identity key is 32 bytes",
-			"ErrInvalid", "bob", bob1, 1, v1.List, s("bob.1", dl("bob", 2, dev(1, "bob.1"), shortKey))},
-		"version-zero": {"version 0 (versions start at 1)",
-			"ErrInvalid", "bob", nil, 0, nil, s("bob.1", dl("bob", 0, dev(1, "bob.1")))},
-	}
-	out := make(map[string]*DeviceListVector, len(cases))
-	for name, k := range cases {
-		out[name] = &DeviceListVector{
-			Kind: KindDeviceList, Description: k.desc, Expect: k.expect, Username: k.user,
-			PinnedIdentityKey: Hex(k.pinned), SeenVersion: k.seenV, SeenList: Hex(k.seenList),
-			SignedList: SignedList{List: k.sl.List, Signature: k.sl.Signature},
-			List:       Decode(k.sl.List), Keys: keys,
-		}
-		if out[name].PinnedIdentityKey == nil {
-			out[name].PinnedIdentityKey = Hex{}
-		}
+		rel, _ := filepath.Rel(dir, f)
+		out[filepath.ToSlash(rel)] = b
 	}
 	return out
 }
 
-func encodeVector(t *testing.T, v any) []byte {
+func sameTree(t *testing.T, got, want map[string][]byte) {
 	t.Helper()
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		t.Fatal(err)
+	var gk, wk []string
+	for k := range got {
+		gk = append(gk, k)
 	}
-	return append(b, '\n')
+	for k := range want {
+		wk = append(wk, k)
+	}
+	slices.Sort(gk)
+	slices.Sort(wk)
+	if !slices.Equal(gk, wk) {
+		t.Fatalf("files differ:\n got  %v\n want %v\n(regenerate: go run ./cmd/ferry vectors generate testvectors)", gk, wk)
+	}
+	for k := range want {
+		if !bytes.Equal(got[k], want[k]) {
+			t.Errorf("%s differs from the generator's output (regenerate: go run ./cmd/ferry vectors generate testvectors)", k)
+		}
+	}
 }
 
 // TestGenerate writes the vectors with -update. Without it, it checks that
-// the committed files are the generator's cases with the generator's
-// verdicts, and that everything but the signatures (which depend on how
-// XEdDSA draws randomness) is byte-identical.
+// the committed files are byte for byte what the generator makes.
 func TestGenerate(t *testing.T) {
-	vs := deviceListVectors(t)
-	for name, v := range vs {
-		if got, err := v.Check(); got != v.Expect {
-			t.Fatalf("%s: generated vector gives %s (%v), want %s", name, got, err, v.Expect)
-		}
-	}
-	dir := KindDeviceList
 	if *update {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		old, _ := filepath.Glob(filepath.Join(dir, "*.json"))
-		for _, p := range old {
-			os.Remove(p)
-		}
-		for name, v := range vs {
-			if err := os.WriteFile(filepath.Join(dir, name+".json"), encodeVector(t, v), 0o644); err != nil {
-				t.Fatal(err)
-			}
-		}
-		t.Logf("wrote %d vectors to %s", len(vs), dir)
-		return
-	}
-	files, _ := filepath.Glob(filepath.Join(dir, "*.json"))
-	var names []string
-	for _, f := range files {
-		names = append(names, filepath.Base(f[:len(f)-len(".json")]))
-	}
-	var want []string
-	for n := range vs {
-		want = append(want, n)
-	}
-	slices.Sort(want)
-	if !slices.Equal(names, want) {
-		t.Fatalf("committed vectors %v, generator makes %v: run go test ./testvectors/ -run TestGenerate -update", names, want)
-	}
-	for name, v := range vs {
-		b, err := os.ReadFile(filepath.Join(dir, name+".json"))
+		n, err := WriteDir(".")
 		if err != nil {
 			t.Fatal(err)
 		}
-		var committed DeviceListVector
-		if err := json.Unmarshal(b, &committed); err != nil {
-			t.Fatal(err)
-		}
-		genSig := v.SignedList.Signature
-		committed.SignedList.Signature, v.SignedList.Signature = nil, nil
-		same := bytes.Equal(encodeVector(t, &committed), encodeVector(t, v))
-		v.SignedList.Signature = genSig
-		if !same {
-			t.Errorf("%s: committed file differs from the generator beyond its signature: run with -update", name)
-		}
+		t.Logf("wrote %d vectors", n)
+		return
+	}
+	files, err := Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameTree(t, files, committed(t, "."))
+}
+
+// Generating into an empty folder reproduces the committed tree exactly.
+func TestWriteDirReproducesCommitted(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := WriteDir(dir); err != nil {
+		t.Fatal(err)
+	}
+	sameTree(t, committed(t, dir), committed(t, "."))
+}
+
+// withSeed (usable outside tests) gives the bytes that
+// testing/cryptotest.SetGlobalRandom gives with the same seed.
+func TestSeededMatchesCryptotest(t *testing.T) {
+	l := dl("bob", 1, dev(1, "bob.1"))
+	cryptotest.SetGlobalRandom(t, 7)
+	a := sign("bob.1", l)
+	k1, _ := newKeyPairForTest()
+	b, _ := withSeed(7, func() (*wirepb.SignedDeviceList, error) {
+		s := sign("bob.1", l)
+		return s, nil
+	})
+	k2, _ := withSeed(7, func() ([]byte, error) {
+		sign("bob.1", l)
+		return newKeyPairForTest()
+	})
+	if !bytes.Equal(a.Signature, b.Signature) || !bytes.Equal(k1, k2) {
+		t.Fatal("withSeed and cryptotest.SetGlobalRandom give different bytes")
+	}
+	c, _ := withSeed(8, func() (*wirepb.SignedDeviceList, error) { return sign("bob.1", l), nil })
+	if bytes.Equal(a.Signature, c.Signature) {
+		t.Fatal("another seed gives the same signature")
+	}
+	if _, err := devicelist.VerifyNext(a, "bob", nil, 0, nil); err != nil {
+		t.Fatal(err)
 	}
 }
 
-// The generator is deterministic: two runs give identical bytes,
-// signatures included.
+// The generator is deterministic: two runs give identical bytes.
 func TestGenerateDeterministic(t *testing.T) {
-	a, b := deviceListVectors(t), deviceListVectors(t)
-	for name := range a {
-		if !bytes.Equal(encodeVector(t, a[name]), encodeVector(t, b[name])) {
-			t.Fatalf("%s differs between two runs", name)
-		}
+	a, err := Generate()
+	if err != nil {
+		t.Fatal(err)
 	}
+	b, err := Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameTree(t, a, b)
+}
+
+// newKeyPairForTest draws a Curve25519 key pair the way libsignal does
+// (after the signature above, so it continues the same stream).
+func newKeyPairForTest() ([]byte, error) {
+	k, err := ecc.GenerateKeyPair()
+	if err != nil {
+		return nil, err
+	}
+	return k.PublicKey().Serialize(), nil
 }

@@ -4,13 +4,21 @@
 // Vectors are JSON files, one case per file, under testvectors/<kind>/. Each
 // names its kind ("kind") and what a correct implementation concludes
 // ("expect"). The committed files are the source of truth; the generator
-// (go test ./testvectors/ -run TestGenerate -update) only writes them.
+// (Generate, WriteDir; ferry vectors generate DIR) writes them byte for byte.
 //
-// Kinds:
+// Kinds (one folder each):
 //
-//	devicelist  signed device lists: devicelist.VerifyNext's verdict
+//	wire            frames: decode (wire.DecodeClientFrame / DecodeServerFrame) and encode
+//	deviceauth      Register and Auth challenge signatures (device.VerifyRegister / VerifyAuth)
+//	signedprekey    signed prekeys (keys.VerifySignedPreKey)
+//	devicelist      signed device lists: devicelist.VerifyNext's verdict
+//	signal-session  an X3DH setup and a double-ratchet transcript (libsignal)
+//	signal-group    a sender-key group exchange (libsignal)
+//	inbox           the exact Pebble keys and values the inbox stores for a send
 //
-// See README.md in this folder for each kind's fields.
+// Generate writes them all (ferry vectors generate DIR); VerifyDir checks a
+// tree of them (ferry vectors verify DIR). See README.md in this folder for
+// each kind's fields.
 package testvectors
 
 import (
@@ -65,15 +73,61 @@ func (h *Hex) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
+// Header is the part every vector has.
+type Header struct {
+	Kind        string `json:"kind"`
+	Description string `json:"description"`
+	Expect      string `json:"expect"`
+}
+
+func (h *Header) header() *Header { return h }
+
+// vector is one decoded case of some kind.
+type vector interface {
+	header() *Header
+	// Check computes this implementation's verdict ("valid" or an error
+	// name) and the error behind it.
+	Check() (string, error)
+	// Consistent reports whether the human-readable copies in the file say
+	// what its bytes say (only asked when the verdict matched).
+	Consistent() error
+}
+
+// family is one kind of vector: its generator and its decoder.
+type family struct {
+	kind    string
+	verdict []string                          // the error names its expect may hold
+	gen     func() (map[string]vector, error) // by case name
+	decode  func() vector                     // a new empty vector to decode into
+}
+
+var families []family
+
+func familyOf(kind string) *family {
+	for i := range families {
+		if families[i].kind == kind {
+			return &families[i]
+		}
+	}
+	return nil
+}
+
+// Kinds lists the vector kinds, in the order Generate writes them.
+func Kinds() []string {
+	out := make([]string, len(families))
+	for i, f := range families {
+		out[i] = f.kind
+	}
+	return out
+}
+
 // DeviceListVector is one signed-device-list case. A verifier runs
 // devicelist.VerifyNext(signed_list, username, pinned_identity_key (empty:
 // trust on first use), seen_version, seen_list) and compares its verdict
 // with expect: "valid" or the error's name (ErrInvalid, ErrBadSignature,
 // ErrWrongSigner, ErrWrongAccount, ErrRollback).
 type DeviceListVector struct {
-	Kind              string         `json:"kind"`
-	Description       string         `json:"description"`
-	Expect            string         `json:"expect"`
+	Header
 	Username          string         `json:"username"`
 	PinnedIdentityKey Hex            `json:"pinned_identity_key"`
 	SeenVersion       uint64         `json:"seen_version"`
@@ -131,6 +185,14 @@ func (v *DeviceListVector) Check() (string, error) {
 	return devicelist.KindName(err), err
 }
 
+// Consistent checks the "list" copy against the bytes.
+func (v *DeviceListVector) Consistent() error {
+	if d := Decode(v.SignedList.List); !decodedEqual(d, v.List) {
+		return errors.New(`the "list" field does not match signed_list.list`)
+	}
+	return nil
+}
+
 // VerifyDir verifies every *.json file under dir (recursively), in path
 // order. A file's kind is its "kind" field, or else the name of its folder.
 // Problems with single files are failed Results; the error is for a
@@ -162,12 +224,22 @@ func VerifyDir(dir string) ([]Result, error) {
 
 // VerifyFile verifies one vector file.
 func VerifyFile(path string) Result {
-	r := Result{Path: path}
 	b, err := os.ReadFile(path)
 	if err != nil {
-		r.Detail = err.Error()
-		return r
+		return Result{Path: path, Detail: err.Error()}
 	}
+	return verifyBytes(path, b)
+}
+
+// verifyBytes verifies the contents b of the vector file at path. A panic
+// (a bug, or a library fed bytes it cannot take) is a failed Result.
+func verifyBytes(path string, b []byte) (r Result) {
+	r = Result{Path: path}
+	defer func() {
+		if p := recover(); p != nil {
+			r.OK, r.Detail = false, fmt.Sprintf("verifier panicked: %v", p)
+		}
+	}()
 	var head struct {
 		Kind string `json:"kind"`
 	}
@@ -179,42 +251,38 @@ func VerifyFile(path string) Result {
 	if r.Kind == "" {
 		r.Kind = filepath.Base(filepath.Dir(path))
 	}
-	switch r.Kind {
-	case KindDeviceList:
-		verifyDeviceList(b, &r)
-	default:
+	f := familyOf(r.Kind)
+	if f == nil {
 		r.Detail = fmt.Sprintf("unknown vector kind %q", r.Kind)
+		return r
 	}
-	return r
-}
-
-func verifyDeviceList(b []byte, r *Result) {
-	var v DeviceListVector
+	v := f.decode()
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&v); err != nil {
-		r.Detail = "bad devicelist vector: " + err.Error()
-		return
+	if err := dec.Decode(v); err != nil {
+		r.Detail = fmt.Sprintf("bad %s vector: %v", r.Kind, err)
+		return r
 	}
-	r.Description, r.Expect = v.Description, v.Expect
-	if v.Expect != ExpectValid && !slices.Contains(devicelist.KindNames(), v.Expect) {
-		r.Detail = fmt.Sprintf("expect %q is neither %q nor an error name %v", v.Expect, ExpectValid, devicelist.KindNames())
-		return
+	h := v.header()
+	r.Description, r.Expect = h.Description, h.Expect
+	if h.Expect != ExpectValid && !slices.Contains(f.verdict, h.Expect) {
+		r.Detail = fmt.Sprintf("expect %q is neither %q nor an error name %v", h.Expect, ExpectValid, f.verdict)
+		return r
 	}
 	got, err := v.Check()
 	r.Got = got
 	if err != nil {
 		r.Detail = err.Error()
 	}
-	if got != v.Expect {
-		return
+	if got != h.Expect {
+		return r
 	}
-	// The human-readable copy must say what the bytes say.
-	if d := Decode(v.SignedList.List); !decodedEqual(d, v.List) {
-		r.Detail = `the "list" field does not match signed_list.list`
-		return
+	if err := v.Consistent(); err != nil {
+		r.Detail = err.Error()
+		return r
 	}
 	r.OK = true
+	return r
 }
 
 func decodedEqual(a, b *DecodedList) bool {

@@ -11,7 +11,8 @@ import (
 	"github.com/ferryhq/ferry/device/devicelist"
 )
 
-// Every committed vector gives its expected verdict.
+// Every committed vector gives its expected verdict. Not parallel: the
+// Signal vectors replace crypto/rand.Reader while they run (see withSeed).
 func TestVectors(t *testing.T) {
 	files, err := filepath.Glob(filepath.Join("*", "*.json"))
 	if err != nil || len(files) == 0 {
@@ -19,7 +20,6 @@ func TestVectors(t *testing.T) {
 	}
 	for _, f := range files {
 		t.Run(f, func(t *testing.T) {
-			t.Parallel()
 			r := VerifyFile(f)
 			if !r.OK {
 				t.Fatalf("%s (%s): expect %q, got %q: %s", f, r.Description, r.Expect, r.Got, r.Detail)
@@ -28,7 +28,7 @@ func TestVectors(t *testing.T) {
 	}
 }
 
-// The coverage the vectors promise: every verdict occurs.
+// The coverage the vectors promise: every verdict of every kind occurs.
 func TestVectorsCoverEveryVerdict(t *testing.T) {
 	rs, err := VerifyDir(".")
 	if err != nil {
@@ -36,13 +36,13 @@ func TestVectorsCoverEveryVerdict(t *testing.T) {
 	}
 	seen := map[string]int{}
 	for _, r := range rs {
-		if r.Kind == KindDeviceList {
-			seen[r.Expect]++
-		}
+		seen[r.Kind+" "+r.Expect]++
 	}
-	for _, want := range append([]string{ExpectValid}, devicelist.KindNames()...) {
-		if seen[want] == 0 {
-			t.Errorf("no devicelist vector expects %s", want)
+	for _, f := range families {
+		for _, want := range append([]string{ExpectValid}, f.verdict...) {
+			if seen[f.kind+" "+want] == 0 {
+				t.Errorf("no %s vector expects %s", f.kind, want)
+			}
 		}
 	}
 }
@@ -151,5 +151,76 @@ func TestVerifyDirReportsBadFiles(t *testing.T) {
 	}
 	if !bytes.Contains(good, []byte(`"kind": "devicelist"`)) {
 		t.Fatal("vectors name their kind")
+	}
+}
+
+// byteField names, per kind, a hex field of its valid vectors whose bytes
+// a one-byte change must be caught in.
+var byteField = map[string]string{
+	KindWire: "hex", KindDeviceAuth: "signature", KindSignedPreKey: "signature", KindDeviceList: "signature",
+	KindSignalSession: "ciphertext", KindSignalGroup: "ciphertext", KindInbox: "value",
+}
+
+// ChangeOneByte changes the first byte of the first value of field in a
+// vector file's JSON text (one hex digit) and returns the new text.
+func changeOneByte(t *testing.T, b []byte, field string) []byte {
+	t.Helper()
+	marker := `"` + field + `": "`
+	i := bytes.Index(b, []byte(marker))
+	if i < 0 {
+		t.Fatalf("no %s field", field)
+	}
+	i += len(marker)
+	out := bytes.Clone(b)
+	if out[i] == '0' {
+		out[i] = '1'
+	} else {
+		out[i] = '0'
+	}
+	return out
+}
+
+// One changed byte in one valid vector of each kind fails that vector, and
+// only it.
+func TestOneChangedByteFailsEachKind(t *testing.T) {
+	for _, kind := range Kinds() {
+		t.Run(kind, func(t *testing.T) {
+			field, ok := byteField[kind]
+			if !ok {
+				t.Fatalf("no field to change for kind %s", kind)
+			}
+			files, _ := filepath.Glob(filepath.Join(kind, "*.json"))
+			var pick string
+			for _, f := range files {
+				if r := VerifyFile(f); r.OK && r.Expect == ExpectValid {
+					pick = f
+					break
+				}
+			}
+			if pick == "" {
+				t.Fatalf("no valid %s vector", kind)
+			}
+			dir := t.TempDir()
+			for _, f := range files {
+				b, _ := os.ReadFile(f)
+				if f == pick {
+					b = changeOneByte(t, b, field)
+				}
+				os.MkdirAll(filepath.Join(dir, kind), 0o755)
+				if err := os.WriteFile(filepath.Join(dir, f), b, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			rs, err := VerifyDir(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range rs {
+				changed := filepath.Base(r.Path) == filepath.Base(pick)
+				if r.OK == changed {
+					t.Errorf("%s: OK=%v after changing one byte of %s's %s", r.Path, r.OK, pick, field)
+				}
+			}
+		})
 	}
 }

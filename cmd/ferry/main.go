@@ -50,6 +50,7 @@ commands:
   group history NAME [--json]  the local history of a group
   read [--group] NAME          mark the conversation with NAME (or group NAME) read
   vectors verify DIR           check the test vectors in DIR (exit 1 on any mismatch)
+  vectors generate DIR         write every test vector into DIR (byte-identical to testvectors/)
   link                         make this home a new device of an existing account:
                                prints a link code, waits until the primary approves it
   devices list [--json]        this account's devices (from its verified signed list)
@@ -639,9 +640,18 @@ func cmdRead(ctx context.Context, c *client.Client, args []string, out io.Writer
 // cmdVectors runs the auditors' test vectors (testvectors/) against this
 // implementation. It needs no device.
 func cmdVectors(args []string, out, errw io.Writer) int {
-	if len(args) != 2 || args[0] != "verify" {
-		fmt.Fprintln(errw, "usage: ferry vectors verify DIR")
+	if len(args) != 2 || (args[0] != "verify" && args[0] != "generate") {
+		fmt.Fprintln(errw, "usage: ferry vectors verify|generate DIR")
 		return 2
+	}
+	if args[0] == "generate" {
+		n, err := testvectors.WriteDir(args[1])
+		if err != nil {
+			fmt.Fprintln(errw, "ferry:", err)
+			return 1
+		}
+		fmt.Fprintf(out, "wrote %d vectors to %s\n", n, args[1])
+		return 0
 	}
 	results, err := testvectors.VerifyDir(args[1])
 	if err != nil {
@@ -656,6 +666,9 @@ func cmdVectors(args []string, out, errw io.Writer) int {
 			failed++
 		}
 		fmt.Fprintf(out, "%s %s: expect %s, got %s\n", status, r.Path, r.Expect, r.Got)
+		if !r.OK && r.Detail != "" {
+			fmt.Fprintf(out, "     %s\n", r.Detail)
+		}
 	}
 	fmt.Fprintf(out, "%d vectors, %d failed\n", len(results), failed)
 	if failed > 0 || len(results) == 0 {

@@ -30,6 +30,10 @@ func TestMain(m *testing.M) {
 	}
 	binDir = dir
 	out, err := exec.Command("go", "build", "-o", dir+"/", "github.com/ferryhq/ferry/cmd/ferryd", "github.com/ferryhq/ferry/cmd/ferry", "github.com/ferryhq/ferry/cmd/ferry-bench").CombinedOutput()
+	if err == nil {
+		// The privacy audit's broken variant (inbox_leak.go).
+		out, err = exec.Command("go", "build", "-tags", "auditleak", "-o", filepath.Join(dir, "leaky-ferryd"), "github.com/ferryhq/ferry/cmd/ferryd").CombinedOutput()
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building binaries: %v\n%s", err, out)
 		os.Exit(1)
@@ -42,6 +46,7 @@ func TestMain(m *testing.M) {
 // server is one ferryd process.
 type server struct {
 	t    *testing.T
+	bin  string // the ferryd binary; "" is binDir/ferryd
 	data string
 	addr string
 	cmd  *exec.Cmd
@@ -72,7 +77,14 @@ var servingRE = regexp.MustCompile(`ferryd: serving"? addr=(\S+)`)
 // waits until it logs that it is serving.
 func startServer(t *testing.T, data string, args ...string) *server {
 	t.Helper()
-	s := &server{t: t, data: data, log: &syncBuffer{}}
+	return startServerBin(t, "", data, args...)
+}
+
+// startServerBin is startServer with another ferryd binary ("" for the
+// normal one).
+func startServerBin(t *testing.T, bin, data string, args ...string) *server {
+	t.Helper()
+	s := &server{t: t, bin: bin, data: data, log: &syncBuffer{}}
 	s.start("127.0.0.1:0", args...)
 	t.Cleanup(s.stop)
 	return s
@@ -81,7 +93,11 @@ func startServer(t *testing.T, data string, args ...string) *server {
 func (s *server) start(listen string, args ...string) {
 	s.t.Helper()
 	all := append([]string{"--listen", listen, "--data", s.data, "--log-level", "debug"}, args...)
-	cmd := exec.Command(filepath.Join(binDir, "ferryd"), all...)
+	bin := s.bin
+	if bin == "" {
+		bin = filepath.Join(binDir, "ferryd")
+	}
+	cmd := exec.Command(bin, all...)
 	pr, pw := io.Pipe()
 	cmd.Stderr = pw
 	cmd.Stdout = s.log

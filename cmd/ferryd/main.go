@@ -40,6 +40,8 @@ type config struct {
 	pingInterval     time.Duration
 	handshakeTimeout time.Duration
 	inboxTTL         time.Duration
+	inboxSweep       time.Duration
+	compactOnExit    bool
 	inboxMaxDepth    int
 	inboxMaxBytes    int64
 	maxPrekeysUpload int
@@ -83,6 +85,9 @@ func main() {
 	fs.DurationVar(&c.pingInterval, "ping-interval", 30*time.Second, "server ping period; 2 missed = dead peer")
 	fs.DurationVar(&c.handshakeTimeout, "handshake-timeout", 10*time.Second, "time allowed for Hello and Auth")
 	fs.DurationVar(&c.inboxTTL, "inbox-ttl", 30*24*time.Hour, "undelivered envelopes expire after this")
+	fs.DurationVar(&c.inboxSweep, "inbox-sweep-interval", time.Minute, "how often expired envelopes are deleted")
+	fs.BoolVar(&c.compactOnExit, "compact-on-exit", false,
+		"after a clean stop, compact the whole store so deleted envelopes leave no bytes in its files (audits; see docs/privacy.md)")
 	fs.IntVar(&c.inboxMaxDepth, "inbox-max-depth", 100000, "envelopes held per device")
 	fs.Int64Var(&c.inboxMaxBytes, "inbox-max-bytes", 256<<20, "bytes held per device")
 	fs.IntVar(&c.maxPrekeysUpload, "max-prekeys-per-upload", 100, "one-time prekeys per upload")
@@ -136,7 +141,7 @@ func run(c config) error {
 
 	var srv *relay.Server
 	ib, err := inbox.New(db, inbox.Options{
-		TTL: c.inboxTTL, MaxDepth: c.inboxMaxDepth, MaxBytes: c.inboxMaxBytes,
+		TTL: c.inboxTTL, SweepInterval: c.inboxSweep, MaxDepth: c.inboxMaxDepth, MaxBytes: c.inboxMaxBytes,
 		FanoutInline: c.fanoutInline, FanoutChunk: c.fanoutChunk, MaxFanoutJobs: c.maxFanoutJobs,
 		OnAppend:   func(devs []wire.DeviceAddr) { srv.OnAppend(devs) },
 		Registerer: reg, Logger: log,
@@ -158,7 +163,7 @@ func run(c config) error {
 		Accounts: accounts,
 		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
 			LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst}),
-		Inbox:  ib,
+		Inbox:  wrapInbox(ib, c.data),
 		Groups: group.New(db, accounts, group.Options{MaxMembers: c.maxGroupMembers}),
 	})
 
@@ -225,6 +230,12 @@ func run(c config) error {
 	}
 	if err := db.Close(); err != nil {
 		return fmt.Errorf("close database: %w", err)
+	}
+	if c.compactOnExit {
+		if err := store.Compact(c.data); err != nil {
+			return err
+		}
+		log.Info("ferryd: store compacted")
 	}
 	log.Info("ferryd: stopped")
 	return nil

@@ -24,10 +24,16 @@ import (
 // `ferry link` (new device) and `ferry devices approve` (primary).
 func link(t *testing.T, srv *server, primaryHome string) (string, string) {
 	t.Helper()
+	return linkVia(t, srv.url(), primaryHome)
+}
+
+// linkVia is link through the server URL url (e.g. a proxy's).
+func linkVia(t *testing.T, url, primaryHome string) (string, string) {
+	t.Helper()
 	newHome := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferry"), "--home", newHome, "--server", srv.url(), "link")
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferry"), "--home", newHome, "--server", url, "link")
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
