@@ -366,3 +366,14 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+func FuzzRetryAfter(f *testing.F) {
+	f.Add("120")
+	f.Add("Wed, 21 Oct 2015 07:28:00 GMT")
+	f.Add("-1")
+	f.Fuzz(func(t *testing.T, h string) {
+		if d := retryAfter(h, time.Unix(1e9, 0)); d < 0 {
+			t.Fatalf("retryAfter(%q) = %v", h, d)
+		}
+	})
+}
