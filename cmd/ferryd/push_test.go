@@ -4,10 +4,19 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +25,7 @@ import (
 	"time"
 
 	"github.com/ferryhq/ferry/client"
+	"github.com/golang-jwt/jwt/v5"
 )
 
 // pushEndpoint is a UnifiedPush endpoint served by the test: it records
@@ -353,4 +363,90 @@ func summary(ds []time.Duration) string {
 		}
 	}
 	return fmt.Sprintf("mean %v max %v (n=%d)", (sum / time.Duration(len(ds))).Round(time.Millisecond), max.Round(time.Millisecond), len(ds))
+}
+
+// ferryd with APNs and FCM credentials from its flags pushes to both
+// services' APIs (local fakes: APNs over HTTP/2 with TLS, FCM with a local
+// OAuth2 token endpoint).
+func TestBlackBoxPushAPNsFCM(t *testing.T) {
+	dir := t.TempDir()
+	// APNs: an HTTP/2 TLS server; ferryd trusts its certificate through SSL_CERT_FILE.
+	apnsKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.MarshalPKCS8PrivateKey(apnsKey)
+	keyFile := filepath.Join(dir, "AuthKey.p8")
+	writeFile(t, keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))
+	apnsGot := make(chan string, 10)
+	apns := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		bearer, _ := strings.CutPrefix(r.Header.Get("authorization"), "bearer ")
+		_, err := jwt.Parse(bearer, func(*jwt.Token) (any, error) { return &apnsKey.PublicKey, nil },
+			jwt.WithValidMethods([]string{"ES256"}), jwt.WithIssuer("TEAM123456"))
+		body, _ := io.ReadAll(r.Body)
+		apnsGot <- fmt.Sprintf("%s %s %s jwt-ok=%v %s", r.Proto, r.URL.Path, r.Header.Get("apns-topic"), err == nil, body)
+	}))
+	apns.EnableHTTP2 = true
+	apns.StartTLS()
+	defer apns.Close()
+	certFile := filepath.Join(dir, "ca.pem")
+	writeFile(t, certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: apns.Certificate().Raw}))
+	t.Setenv("SSL_CERT_FILE", certFile)
+
+	// FCM: a token endpoint and the v1 API.
+	rk, _ := rsa.GenerateKey(rand.Reader, 2048)
+	rder, _ := x509.MarshalPKCS8PrivateKey(rk)
+	fcmGot := make(chan string, 10)
+	fcm := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/token" {
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = io.WriteString(w, `{"access_token":"local-token","token_type":"Bearer","expires_in":3600}`)
+			return
+		}
+		body, _ := io.ReadAll(r.Body)
+		fcmGot <- fmt.Sprintf("%s %s %s", r.URL.Path, r.Header.Get("Authorization"), body)
+		_, _ = io.WriteString(w, `{"name":"projects/p/messages/1"}`)
+	}))
+	defer fcm.Close()
+	creds, _ := json.Marshal(map[string]string{"type": "service_account", "project_id": "ferry-test",
+		"private_key":  string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: rder})),
+		"client_email": "push@ferry-test.iam.gserviceaccount.com", "token_uri": "https://oauth2.googleapis.com/token"})
+	credFile := filepath.Join(dir, "sa.json")
+	writeFile(t, credFile, creds)
+
+	srv := startServer(t, t.TempDir(),
+		"--apns-key", keyFile, "--apns-key-id", "KEY1234567", "--apns-team-id", "TEAM123456",
+		"--apns-topic", "app.ferry.test", "--apns-endpoint", apns.URL,
+		"--fcm-credentials", credFile, "--fcm-token-url", fcm.URL+"/token", "--fcm-endpoint", fcm.URL)
+	aliceHome := register(t, srv, "alice")
+	bobHome := register(t, srv, "bob")
+	carolHome := register(t, srv, "carol")
+	token := strings.Repeat("0a", 32)
+	mustFerry(t, bobHome, "push", "set", "apns", token)
+	mustFerry(t, carolHome, "push", "set", "fcm", "fcm-token:1")
+	offline(t, srv)
+	mustFerry(t, aliceHome, "send", "bob", "hello bob")
+	mustFerry(t, aliceHome, "send", "carol", "hello carol")
+	wait := func(c chan string, what string) string {
+		select {
+		case s := <-c:
+			return s
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no %s push:\n%s", what, srv.log.String())
+			return ""
+		}
+	}
+	want := "HTTP/2.0 /3/device/" + token + ` app.ferry.test jwt-ok=true {"aps":{"alert":{"loc-key":"FERRY_WAKE"},"mutable-content":1},"ferry":"wake"}`
+	if got := wait(apnsGot, "APNs"); got != want {
+		t.Fatalf("APNs got %q\nwant %q", got, want)
+	}
+	got := wait(fcmGot, "FCM")
+	if !strings.HasPrefix(got, "/v1/projects/ferry-test/messages:send Bearer local-token ") ||
+		!strings.Contains(got, `"data":{"ferry":"wake"}`) || strings.Contains(got, "hello") || strings.Contains(got, "alice") {
+		t.Fatalf("FCM got %q", got)
+	}
+}
+
+func writeFile(t *testing.T, name string, b []byte) {
+	t.Helper()
+	if err := os.WriteFile(name, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
