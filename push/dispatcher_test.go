@@ -377,3 +377,27 @@ func FuzzRetryAfter(f *testing.F) {
 		}
 	})
 }
+
+func TestBackoff(t *testing.T) {
+	d := &Dispatcher{cfg: Config{RetryMin: time.Second, RetryMax: time.Minute}}
+	tests := map[string]struct {
+		attempt  int
+		after    time.Duration
+		min, max time.Duration
+	}{
+		"first":                    {1, 0, 750 * time.Millisecond, 1250 * time.Millisecond},
+		"third doubles twice":      {3, 0, 3 * time.Second, 5 * time.Second},
+		"Retry-After is honoured":  {1, 30 * time.Second, 30 * time.Second, 30 * time.Second},
+		"Retry-After is capped":    {1, 2 * time.Hour, time.Minute, time.Minute},
+		"many attempts are capped": {40, 0, 45 * time.Second, time.Minute},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			for range 50 {
+				if b := d.backoff(tc.attempt, tc.after); b < tc.min || b > tc.max {
+					t.Fatalf("backoff(%d, %v) = %v, want in [%v, %v]", tc.attempt, tc.after, b, tc.min, tc.max)
+				}
+			}
+		})
+	}
+}
