@@ -5,6 +5,7 @@ import (
 
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
+	"github.com/ferryhq/ferry/push"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -54,10 +55,24 @@ type Groups interface {
 	ListFor(ctx context.Context, username string) ([]*storepb.Group, error)
 }
 
+// Push is what the relay needs of the push dispatcher (push.Dispatcher).
+type Push interface {
+	// Wake asks for a wake-up push to a device with no live receiving
+	// connection here. It must never block or do I/O: the inbox committer
+	// calls it.
+	Wake(dev wire.DeviceAddr, r push.Reason)
+	// Set and Clear store and remove a device's push registration.
+	Set(ctx context.Context, dev wire.DeviceAddr, reg *wirepb.PushRegistration) error
+	Clear(ctx context.Context, dev wire.DeviceAddr) error
+}
+
 // Deps are the stores the relay serves from.
 type Deps struct {
 	Accounts Accounts
 	Prekeys  Prekeys
 	Inbox    Inbox
 	Groups   Groups
+	// Push sends wake-ups to offline devices; nil = none (SetPush is then
+	// PUSH_UNSUPPORTED).
+	Push Push
 }

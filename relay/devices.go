@@ -128,7 +128,7 @@ func (s *Server) closeDevice(addr wire.DeviceAddr, skip *conn, code int, reason 
 }
 
 // purgeDevice deletes what the server holds for a removed device (prekeys,
-// inbox) and closes its connections but skip. The device record is gone
+// inbox, push registration) and closes its connections but skip. The device record is gone
 // already, so nothing new reaches it; a failure is logged (entries left
 // behind expire with the inbox TTL).
 func (s *Server) purgeDevice(ctx context.Context, addr wire.DeviceAddr, skip *conn) {
@@ -138,6 +138,11 @@ func (s *Server) purgeDevice(ctx context.Context, addr wire.DeviceAddr, skip *co
 	}
 	if err := s.deps.Inbox.DeleteDevice(ctx, addr); err != nil {
 		s.log.Error("relay: delete inbox of removed device", "device", addr.String(), "err", err)
+	}
+	if s.deps.Push != nil {
+		if err := s.deps.Push.Clear(ctx, addr); err != nil {
+			s.log.Error("relay: delete push registration of removed device", "device", addr.String(), "err", err)
+		}
 	}
 	s.log.Info("relay: device removed", "device", addr.String())
 }

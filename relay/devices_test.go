@@ -41,8 +41,9 @@ func newDevEnv(t *testing.T, cfg Config, do device.Options) *denv {
 	return newGroupEnv(t, cfg, do, group.Options{})
 }
 
-// newGroupEnv is newDevEnv with group store options.
-func newGroupEnv(t *testing.T, cfg Config, do device.Options, gro group.Options) *denv {
+// newGroupEnv is newDevEnv with group store options; each more function
+// may change the Deps (e.g. add Push) before the server is made.
+func newGroupEnv(t *testing.T, cfg Config, do device.Options, gro group.Options, more ...func(*pebble.DB, *Deps)) *denv {
 	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -58,7 +59,11 @@ func newGroupEnv(t *testing.T, cfg Config, do device.Options, gro group.Options)
 	}
 	accts, ks := device.New(db, do), keys.New(db, keys.Options{})
 	groups := group.New(db, accts, gro)
-	srv = New(cfg, Deps{Accounts: accts, Prekeys: ks, Inbox: ib, Groups: groups})
+	deps := Deps{Accounts: accts, Prekeys: ks, Inbox: ib, Groups: groups}
+	for _, f := range more {
+		f(db, &deps)
+	}
+	srv = New(cfg, deps)
 	hs := httptest.NewServer(srv.Handler())
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -9,6 +9,7 @@ import (
 	"github.com/ferryhq/ferry/device"
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
+	"github.com/ferryhq/ferry/push"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -255,6 +256,16 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 		if err = c.markRead(ctx, b.MarkRead); err == nil {
 			res = &wirepb.Response{Result: &wirepb.Response_MarkRead{MarkRead: &wirepb.MarkReadResult{}}}
 		}
+	case *wirepb.ClientFrame_SetPush:
+		kind = "set_push"
+		if err = c.setPush(ctx, b.SetPush); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_SetPush{SetPush: &wirepb.SetPushResult{}}}
+		}
+	case *wirepb.ClientFrame_ClearPush:
+		kind = "clear_push"
+		if err = c.clearPush(ctx); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_ClearPush{ClearPush: &wirepb.ClearPushResult{}}}
+		}
 	default:
 		kind, err = "unknown", wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "unknown request")
 	}
@@ -294,14 +305,23 @@ func (c *conn) claim(ctx context.Context, r *wirepb.ClaimBundles) (*wirepb.Claim
 	low := c.s.deps.Prekeys.LowThreshold()
 	for _, b := range bundles {
 		b.RegistrationId = regs[b.DeviceId]
-		// Tell the claimed device to refill if it is connected and running low.
+		// Tell the claimed device to refill if it is running low: an event
+		// if it is connected, else a wake-up push (it gets PrekeysLow at Auth).
 		dev := wire.DeviceAddr{Account: r.Username, Device: b.DeviceId}
-		if other := c.s.hub.get(dev); other != nil {
-			if n, _, err := c.s.deps.Prekeys.Count(ctx, dev); err == nil && n < low {
-				if fb, err := encodeEvent(&wirepb.Event{Body: &wirepb.Event_PrekeysLow{PrekeysLow: &wirepb.PrekeysLow{OneTimePrekeys: uint32(n)}}}); err == nil {
-					other.tryEnqueue(fb)
-				}
-			}
+		other := c.s.hub.get(dev)
+		if other == nil && c.s.deps.Push == nil {
+			continue
+		}
+		n, _, err := c.s.deps.Prekeys.Count(ctx, dev)
+		if err != nil || n >= low {
+			continue
+		}
+		if other == nil {
+			c.s.deps.Push.Wake(dev, push.ReasonPrekeys)
+			continue
+		}
+		if fb, err := encodeEvent(&wirepb.Event{Body: &wirepb.Event_PrekeysLow{PrekeysLow: &wirepb.PrekeysLow{OneTimePrekeys: uint32(n)}}}); err == nil {
+			other.tryEnqueue(fb)
 		}
 	}
 	return &wirepb.ClaimBundlesResult{Bundles: bundles}, nil

@@ -67,16 +67,6 @@ func (h *hub) get(a wire.DeviceAddr) *conn {
 	return c
 }
 
-// wake nudges the delivery loop of every listed device that is connected.
-// It never blocks: a wake-up that finds one pending is merged into it.
-func (h *hub) wake(devs []wire.DeviceAddr) {
-	for _, d := range devs {
-		if c := h.get(d); c != nil {
-			c.nudge()
-		}
-	}
-}
-
 // all returns every registered connection (for shutdown).
 func (h *hub) all() []*conn {
 	var out []*conn

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ferryhq/ferry/push"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/gorilla/websocket"
 )
@@ -63,8 +64,22 @@ func New(cfg Config, deps Deps) *Server {
 }
 
 // OnAppend is the inbox's commit hook: it wakes the delivery loops of the
-// devices that got new entries. Wire it into inbox.Options.OnAppend.
-func (s *Server) OnAppend(devs []wire.DeviceAddr) { s.hub.wake(devs) }
+// devices that got new entries, and asks for a push to each of them that
+// has no receiving connection here (Deps.Push, which neither blocks nor
+// does I/O: this runs on the committer). Wire it into inbox.Options.OnAppend.
+func (s *Server) OnAppend(devs []wire.DeviceAddr) {
+	for _, d := range devs {
+		if c := s.hub.get(d); c != nil {
+			c.nudge()
+		} else if s.deps.Push != nil {
+			s.deps.Push.Wake(d, push.ReasonMessage)
+		}
+	}
+}
+
+// Online reports whether dev has a live receiving connection on this node
+// (push.Config.Online).
+func (s *Server) Online(dev wire.DeviceAddr) bool { return s.hub.get(dev) != nil }
 
 // Handler serves the WebSocket endpoint at wire.Path.
 func (s *Server) Handler() http.Handler {

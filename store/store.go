@@ -1,6 +1,6 @@
 // Package store opens the one Pebble database a ferryd node keeps, and
 // documents who owns which part of its key space. Each store package (inbox,
-// keys, device, group) reads and writes only under its own prefixes.
+// keys, device, group, push) reads and writes only under its own prefixes.
 //
 // Key space (all integers big-endian; usernames are [a-z0-9_] so 0x00 is a
 // safe separator):
@@ -22,6 +22,7 @@
 //	'f' job_id(8) 'n'                               inbox:   recipients expanded so far (8 bytes)
 //	'g' 'r' group_id(16)                            group:   Group record (storepb.Group)
 //	'g' 'u' username 0x00 group_id(16)              group:   empty: index of a member's groups
+//	'p' username 0x00 device(4)                     push:    wirepb.PushRegistration (the device's push target)
 //
 // An inbox entry ('i') of a group message or GROUP_UPDATE holds only its
 // id, seq and time, followed by a storepb.EntryBodyRef naming the shared
@@ -64,6 +65,7 @@ const (
 	PrefixGroup      = 'g'
 	PrefixMarker     = 'x'
 	PrefixFanout     = 'f'
+	PrefixPush       = 'p'
 )
 
 // ErrOpen wraps every failure to open the database.

@@ -56,6 +56,10 @@ commands:
   devices list [--json]        this account's devices (from its verified signed list)
   devices approve CODE         (primary) link the device showing CODE
   devices remove ID            unlink device ID (the primary: any; others: themselves)
+  push set unifiedpush URL     wake this device through a UnifiedPush endpoint while offline
+  push set webpush JSON        ... through a browser PushSubscription (its JSON)
+  push set apns|fcm TOKEN      ... through an APNs device token or an FCM registration token
+  push clear                   stop push wake-ups to this device
 
 global flags:
   --home DIR     device store (default ~/.ferry, or $FERRY_HOME)
@@ -122,6 +126,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		err = cmdRead(ctx, c, rest, stdout)
 	case "devices":
 		err = cmdDevices(ctx, c, rest, stdout)
+	case "push":
+		err = cmdPush(ctx, c, rest, stdout)
 	default:
 		fmt.Fprintf(stderr, "ferry: unknown command %q\n\n%s", cmd, usage)
 		return 2
@@ -634,6 +640,45 @@ func cmdRead(ctx context.Context, c *client.Client, args []string, out io.Writer
 		return nil
 	}
 	fmt.Fprintf(out, "read up to seq %d\n", seq)
+	return nil
+}
+
+const pushUsage = "usage: ferry push set unifiedpush|webpush|apns|fcm URL|SUBSCRIPTION_JSON|TOKEN, or ferry push clear"
+
+func cmdPush(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	switch {
+	case len(args) == 1 && args[0] == "clear":
+		if err := c.ClearPush(ctx); err != nil {
+			return err
+		}
+		fmt.Fprintln(out, "push wake-ups off")
+		return nil
+	case len(args) == 3 && args[0] == "set":
+	default:
+		return usageError(pushUsage)
+	}
+	var reg *wirepb.PushRegistration
+	switch args[1] {
+	case "unifiedpush":
+		reg = &wirepb.PushRegistration{Kind: wirepb.PushKind_UNIFIEDPUSH, Endpoint: args[2]}
+	case "webpush":
+		var err error
+		if reg, err = client.ParseWebPushSubscription(args[2]); err != nil {
+			return usageError(err.Error())
+		}
+	case "apns":
+		reg = &wirepb.PushRegistration{Kind: wirepb.PushKind_APNS, Token: args[2]}
+	case "fcm":
+		reg = &wirepb.PushRegistration{Kind: wirepb.PushKind_FCM, Token: args[2]}
+	default:
+		return usageError(pushUsage)
+	}
+	if err := c.SetPush(ctx, reg); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "push wake-ups on (%s)\n", args[1])
 	return nil
 }
 

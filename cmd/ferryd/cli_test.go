@@ -39,6 +39,10 @@ func TestBlackBoxCLIErrors(t *testing.T) {
 		"not registered":    {t.TempDir(), []string{"--server", srv.url(), "send", "alice", "hi"}, 1, "no registered device"},
 		"no server":         {t.TempDir(), []string{"register", "carol"}, 1, "no server URL"},
 		"bad server url":    {t.TempDir(), []string{"--server", "127.0.0.1:1", "recv"}, 2, "bad server URL"},
+		"push usage":        {alice, []string{"push", "set", "unifiedpush"}, 2, "usage: ferry push"},
+		"push kind off":     {alice, []string{"push", "set", "fcm", "tok"}, 1, "PUSH_UNSUPPORTED"},
+		"push plain http":   {alice, []string{"push", "set", "unifiedpush", "http://up.example/x"}, 1, "PUSH_INVALID"},
+		"push bad webpush":  {alice, []string{"push", "set", "webpush", "{}"}, 2, "bad web push subscription"},
 	}
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {

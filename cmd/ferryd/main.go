@@ -13,6 +13,8 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"sort"
+	"strings"
 	"syscall"
 	"time"
 
@@ -20,9 +22,11 @@ import (
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/keys"
+	"github.com/ferryhq/ferry/push"
 	"github.com/ferryhq/ferry/relay"
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
+	"github.com/ferryhq/ferry/wire/wirepb"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -63,6 +67,25 @@ type config struct {
 	linkAttemptBurst int
 	allowedOrigins   stringList
 	pprof            bool
+	push             pushFlags
+}
+
+// pushFlags configure wake-up pushes (package push).
+type pushFlags struct {
+	window, timeout, ttl time.Duration
+	queue, workers       int
+	attempts             int
+	allowLocal           bool
+	unifiedPush          bool
+	apnsKeyFile          string
+	apnsKeyID, apnsTeam  string
+	apnsTopic, apnsURL   string
+	fcmCredentials       string
+	fcmProject           string
+	fcmTokenURL, fcmURL  string
+	vapidPublic          string
+	vapidPrivateFile     string
+	vapidSubscriber      string
 }
 
 type stringList []string
@@ -109,6 +132,27 @@ func main() {
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 15*time.Second, "how long SIGTERM waits for in-flight work")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve /debug/pprof/ (profiles; keep off in production listeners)")
 	fs.Var(&c.allowedOrigins, "allow-origin", "browser origin allowed to connect (repeatable; * for any)")
+	p := &c.push
+	fs.DurationVar(&p.window, "push-window", 30*time.Second, "at most one wake-up push per offline device per this window")
+	fs.IntVar(&p.queue, "push-queue", 4096, "wake-ups waiting for a push worker; beyond it they are dropped (counted)")
+	fs.IntVar(&p.workers, "push-workers", 4, "goroutines sending pushes")
+	fs.IntVar(&p.attempts, "push-attempts", 4, "attempts per push on 429, 5xx or network errors (with backoff, honouring Retry-After)")
+	fs.DurationVar(&p.timeout, "push-timeout", 10*time.Second, "time allowed for one push attempt")
+	fs.DurationVar(&p.ttl, "push-ttl", 24*time.Hour, "how long a provider keeps an undelivered wake-up")
+	fs.BoolVar(&p.allowLocal, "push-allow-local-endpoints", false, "accept http:// and private/loopback Web Push and UnifiedPush endpoints (tests, one-network setups)")
+	fs.BoolVar(&p.unifiedPush, "unifiedpush", true, "send UnifiedPush wake-ups (needs no credentials)")
+	fs.StringVar(&p.apnsKeyFile, "apns-key", "", "APNs auth key file (.p8); enables APNs with --apns-key-id, --apns-team-id, --apns-topic")
+	fs.StringVar(&p.apnsKeyID, "apns-key-id", "", "APNs key id (kid)")
+	fs.StringVar(&p.apnsTeam, "apns-team-id", "", "Apple developer team id (iss)")
+	fs.StringVar(&p.apnsTopic, "apns-topic", "", "the iOS app's bundle id (apns-topic)")
+	fs.StringVar(&p.apnsURL, "apns-endpoint", push.APNsProduction, "APNs base URL (sandbox: "+push.APNsSandbox+")")
+	fs.StringVar(&p.fcmCredentials, "fcm-credentials", "", "FCM service account JSON key file; enables FCM")
+	fs.StringVar(&p.fcmProject, "fcm-project", "", "Firebase project id (default: the key file's project_id)")
+	fs.StringVar(&p.fcmTokenURL, "fcm-token-url", "", "OAuth2 token endpoint (default: the key file's token_uri)")
+	fs.StringVar(&p.fcmURL, "fcm-endpoint", push.FCMEndpoint, "FCM HTTP v1 API base URL")
+	fs.StringVar(&p.vapidPublic, "webpush-vapid-public", "", "VAPID public key (base64url); enables Web Push with --webpush-vapid-private")
+	fs.StringVar(&p.vapidPrivateFile, "webpush-vapid-private", "", "file holding the VAPID private key (base64url)")
+	fs.StringVar(&p.vapidSubscriber, "webpush-subscriber", "", "VAPID contact: an e-mail address or https URL")
 	_ = fs.Parse(os.Args[1:])
 
 	if err := run(c); err != nil {
@@ -151,6 +195,30 @@ func run(c config) error {
 		return err
 	}
 	accounts := device.New(db, device.Options{MaxDevices: c.maxDevices, CacheSize: c.accountCache})
+	providers, err := pushProviders(c.push)
+	if err != nil {
+		ib.Close()
+		db.Close()
+		return err
+	}
+	var pusher relay.Push
+	var disp *push.Dispatcher
+	if len(providers) > 0 {
+		disp = push.NewDispatcher(push.Config{
+			Window: c.push.window, QueueSize: c.push.queue, Workers: c.push.workers,
+			MaxAttempts: c.push.attempts, Timeout: c.push.timeout,
+			AllowLocalEndpoints: c.push.allowLocal,
+			Online:              func(d wire.DeviceAddr) bool { return srv.Online(d) },
+			Registerer:          reg, Logger: log,
+		}, push.NewStore(db), providers)
+		pusher = disp
+		kinds := make([]string, 0, len(providers))
+		for k := range providers {
+			kinds = append(kinds, push.KindName(k))
+		}
+		sort.Strings(kinds)
+		log.Info("ferryd: push wake-ups", "kinds", strings.Join(kinds, ","), "window", c.push.window.String())
+	}
 	srv = relay.New(relay.Config{
 		MaxFrameBytes: c.maxFrameBytes, MaxMessageBytes: c.maxMessageBytes, DeliveryWindow: c.window,
 		MaxPrekeysPerUpload: c.maxPrekeysUpload,
@@ -165,6 +233,7 @@ func run(c config) error {
 			LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst}),
 		Inbox:  wrapInbox(ib, c.data),
 		Groups: group.New(db, accounts, group.Options{MaxMembers: c.maxGroupMembers}),
+		Push:   pusher,
 	})
 
 	mux := http.NewServeMux()
@@ -225,6 +294,9 @@ func run(c config) error {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	_ = hs.Shutdown(ctx)
+	if disp != nil {
+		disp.Stop() // queued wake-ups are dropped: they cost only a push
+	}
 	if err := ib.Close(); err != nil {
 		log.Error("ferryd: inbox close", "err", err)
 	}
@@ -239,6 +311,58 @@ func run(c config) error {
 	}
 	log.Info("ferryd: stopped")
 	return nil
+}
+
+// pushProviders builds a provider for each push kind the flags configure.
+func pushProviders(p pushFlags) (map[wirepb.PushKind]push.Provider, error) {
+	out := make(map[wirepb.PushKind]push.Provider)
+	endpoints := push.EndpointClient(p.allowLocal)
+	if p.unifiedPush {
+		out[wirepb.PushKind_UNIFIEDPUSH] = &push.UnifiedPush{Client: endpoints, TTL: p.ttl}
+	}
+	if p.apnsKeyFile != "" {
+		b, err := os.ReadFile(p.apnsKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("--apns-key: %w", err)
+		}
+		key, err := push.ParseAPNsKey(b)
+		if err != nil {
+			return nil, fmt.Errorf("--apns-key: %w", err)
+		}
+		if p.apnsKeyID == "" || p.apnsTeam == "" || p.apnsTopic == "" {
+			return nil, errors.New("--apns-key needs --apns-key-id, --apns-team-id and --apns-topic")
+		}
+		out[wirepb.PushKind_APNS] = &push.APNs{Key: key, KeyID: p.apnsKeyID, TeamID: p.apnsTeam,
+			Topic: p.apnsTopic, Endpoint: strings.TrimRight(p.apnsURL, "/"), TTL: p.ttl}
+	}
+	if p.fcmCredentials != "" {
+		b, err := os.ReadFile(p.fcmCredentials)
+		if err != nil {
+			return nil, fmt.Errorf("--fcm-credentials: %w", err)
+		}
+		f := &push.FCM{CredentialsJSON: b, ProjectID: p.fcmProject, TokenURL: p.fcmTokenURL,
+			Endpoint: strings.TrimRight(p.fcmURL, "/"), TTL: p.ttl}
+		if err := f.Check(); err != nil {
+			return nil, fmt.Errorf("--fcm-credentials: %w", err)
+		}
+		out[wirepb.PushKind_FCM] = f
+	}
+	if p.vapidPublic != "" || p.vapidPrivateFile != "" {
+		if p.vapidPublic == "" || p.vapidPrivateFile == "" || p.vapidSubscriber == "" {
+			return nil, errors.New("web push needs --webpush-vapid-public, --webpush-vapid-private and --webpush-subscriber")
+		}
+		b, err := os.ReadFile(p.vapidPrivateFile)
+		if err != nil {
+			return nil, fmt.Errorf("--webpush-vapid-private: %w", err)
+		}
+		w := &push.WebPush{VAPIDPublicKey: p.vapidPublic, VAPIDPrivateKey: strings.TrimSpace(string(b)),
+			Subscriber: p.vapidSubscriber, Client: endpoints, TTL: p.ttl}
+		if err := w.Check(); err != nil {
+			return nil, fmt.Errorf("web push: %w", err)
+		}
+		out[wirepb.PushKind_WEBPUSH] = w
+	}
+	return out, nil
 }
 
 // perMinute converts a per-minute rate flag (0 or less: the default).

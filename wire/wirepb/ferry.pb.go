@@ -174,6 +174,8 @@ const (
 	ErrorCode_GROUP_STALE            ErrorCode = 28 // see GroupSend; Error.group holds the current membership
 	ErrorCode_NOT_ADMIN              ErrorCode = 29
 	ErrorCode_GROUP_FULL             ErrorCode = 30 // over the group size cap
+	ErrorCode_PUSH_UNSUPPORTED       ErrorCode = 35 // this server has no credentials for that push kind
+	ErrorCode_PUSH_INVALID           ErrorCode = 36 // malformed push token, endpoint or subscription
 )
 
 // Enum value maps for ErrorCode.
@@ -210,6 +212,8 @@ var (
 		28: "GROUP_STALE",
 		29: "NOT_ADMIN",
 		30: "GROUP_FULL",
+		35: "PUSH_UNSUPPORTED",
+		36: "PUSH_INVALID",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED": 0,
@@ -243,6 +247,8 @@ var (
 		"GROUP_STALE":            28,
 		"NOT_ADMIN":              29,
 		"GROUP_FULL":             30,
+		"PUSH_UNSUPPORTED":       35,
+		"PUSH_INVALID":           36,
 	}
 )
 
@@ -271,6 +277,62 @@ func (x ErrorCode) Number() protoreflect.EnumNumber {
 // Deprecated: Use ErrorCode.Descriptor instead.
 func (ErrorCode) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_proto_rawDescGZIP(), []int{2}
+}
+
+// PushKind names a push service. See docs/protocol.md, "Push wake-ups".
+type PushKind int32
+
+const (
+	PushKind_PUSH_KIND_UNSPECIFIED PushKind = 0
+	PushKind_APNS                  PushKind = 1 // Apple Push Notification service: token = hex device token
+	PushKind_FCM                   PushKind = 2 // Firebase Cloud Messaging: token = FCM registration token
+	PushKind_WEBPUSH               PushKind = 3 // RFC 8030 Web Push: endpoint + p256dh + auth (a browser PushSubscription)
+	PushKind_UNIFIEDPUSH           PushKind = 4 // UnifiedPush: endpoint (the distributor's URL for this app instance)
+)
+
+// Enum value maps for PushKind.
+var (
+	PushKind_name = map[int32]string{
+		0: "PUSH_KIND_UNSPECIFIED",
+		1: "APNS",
+		2: "FCM",
+		3: "WEBPUSH",
+		4: "UNIFIEDPUSH",
+	}
+	PushKind_value = map[string]int32{
+		"PUSH_KIND_UNSPECIFIED": 0,
+		"APNS":                  1,
+		"FCM":                   2,
+		"WEBPUSH":               3,
+		"UNIFIEDPUSH":           4,
+	}
+)
+
+func (x PushKind) Enum() *PushKind {
+	p := new(PushKind)
+	*p = x
+	return p
+}
+
+func (x PushKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (PushKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_proto_enumTypes[3].Descriptor()
+}
+
+func (PushKind) Type() protoreflect.EnumType {
+	return &file_ferry_proto_enumTypes[3]
+}
+
+func (x PushKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use PushKind.Descriptor instead.
+func (PushKind) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{3}
 }
 
 type GroupChange_Op int32
@@ -321,11 +383,11 @@ func (x GroupChange_Op) String() string {
 }
 
 func (GroupChange_Op) Descriptor() protoreflect.EnumDescriptor {
-	return file_ferry_proto_enumTypes[3].Descriptor()
+	return file_ferry_proto_enumTypes[4].Descriptor()
 }
 
 func (GroupChange_Op) Type() protoreflect.EnumType {
-	return &file_ferry_proto_enumTypes[3]
+	return &file_ferry_proto_enumTypes[4]
 }
 
 func (x GroupChange_Op) Number() protoreflect.EnumNumber {
@@ -367,6 +429,8 @@ type ClientFrame struct {
 	//	*ClientFrame_ListGroups
 	//	*ClientFrame_GroupSend
 	//	*ClientFrame_MarkRead
+	//	*ClientFrame_SetPush
+	//	*ClientFrame_ClearPush
 	Body          isClientFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -605,6 +669,24 @@ func (x *ClientFrame) GetMarkRead() *MarkRead {
 	return nil
 }
 
+func (x *ClientFrame) GetSetPush() *SetPush {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_SetPush); ok {
+			return x.SetPush
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetClearPush() *ClearPush {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_ClearPush); ok {
+			return x.ClearPush
+		}
+	}
+	return nil
+}
+
 type isClientFrame_Body interface {
 	isClientFrame_Body()
 }
@@ -693,6 +775,14 @@ type ClientFrame_MarkRead struct {
 	MarkRead *MarkRead `protobuf:"bytes,22,opt,name=mark_read,json=markRead,proto3,oneof"`
 }
 
+type ClientFrame_SetPush struct {
+	SetPush *SetPush `protobuf:"bytes,30,opt,name=set_push,json=setPush,proto3,oneof"` // register or replace this device's push token
+}
+
+type ClientFrame_ClearPush struct {
+	ClearPush *ClearPush `protobuf:"bytes,31,opt,name=clear_push,json=clearPush,proto3,oneof"` // remove it
+}
+
 func (*ClientFrame_Hello) isClientFrame_Body() {}
 
 func (*ClientFrame_Register) isClientFrame_Body() {}
@@ -734,6 +824,10 @@ func (*ClientFrame_ListGroups) isClientFrame_Body() {}
 func (*ClientFrame_GroupSend) isClientFrame_Body() {}
 
 func (*ClientFrame_MarkRead) isClientFrame_Body() {}
+
+func (*ClientFrame_SetPush) isClientFrame_Body() {}
+
+func (*ClientFrame_ClearPush) isClientFrame_Body() {}
 
 // ServerFrame is every frame the server sends: a response or an event.
 type ServerFrame struct {
@@ -843,6 +937,8 @@ type Response struct {
 	//	*Response_ListGroups
 	//	*Response_GroupSend
 	//	*Response_MarkRead
+	//	*Response_SetPush
+	//	*Response_ClearPush
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1070,6 +1166,24 @@ func (x *Response) GetMarkRead() *MarkReadResult {
 	return nil
 }
 
+func (x *Response) GetSetPush() *SetPushResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_SetPush); ok {
+			return x.SetPush
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetClearPush() *ClearPushResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_ClearPush); ok {
+			return x.ClearPush
+		}
+	}
+	return nil
+}
+
 type isResponse_Result interface {
 	isResponse_Result()
 }
@@ -1150,6 +1264,14 @@ type Response_MarkRead struct {
 	MarkRead *MarkReadResult `protobuf:"bytes,28,opt,name=mark_read,json=markRead,proto3,oneof"`
 }
 
+type Response_SetPush struct {
+	SetPush *SetPushResult `protobuf:"bytes,36,opt,name=set_push,json=setPush,proto3,oneof"`
+}
+
+type Response_ClearPush struct {
+	ClearPush *ClearPushResult `protobuf:"bytes,37,opt,name=clear_push,json=clearPush,proto3,oneof"`
+}
+
 func (*Response_Welcome) isResponse_Result() {}
 
 func (*Response_Register) isResponse_Result() {}
@@ -1187,6 +1309,10 @@ func (*Response_ListGroups) isResponse_Result() {}
 func (*Response_GroupSend) isResponse_Result() {}
 
 func (*Response_MarkRead) isResponse_Result() {}
+
+func (*Response_SetPush) isResponse_Result() {}
+
+func (*Response_ClearPush) isResponse_Result() {}
 
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4662,6 +4788,238 @@ func (x *DeviceMismatch) GetStale() []*DeviceRef {
 	return nil
 }
 
+// PushRegistration is one device's push target. The server only ever sends
+// it a content-free wake-up; the device then connects and reads its inbox.
+type PushRegistration struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          PushKind               `protobuf:"varint,1,opt,name=kind,proto3,enum=ferry.wire.v1.PushKind" json:"kind,omitempty"`
+	Token         string                 `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`       // APNS, FCM
+	Endpoint      string                 `protobuf:"bytes,3,opt,name=endpoint,proto3" json:"endpoint,omitempty"` // WEBPUSH, UNIFIEDPUSH: an https URL
+	P256Dh        []byte                 `protobuf:"bytes,4,opt,name=p256dh,proto3" json:"p256dh,omitempty"`     // WEBPUSH: the subscription's P-256 public key (65 bytes, uncompressed)
+	Auth          []byte                 `protobuf:"bytes,5,opt,name=auth,proto3" json:"auth,omitempty"`         // WEBPUSH: the subscription's 16-byte auth secret
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PushRegistration) Reset() {
+	*x = PushRegistration{}
+	mi := &file_ferry_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PushRegistration) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PushRegistration) ProtoMessage() {}
+
+func (x *PushRegistration) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PushRegistration.ProtoReflect.Descriptor instead.
+func (*PushRegistration) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *PushRegistration) GetKind() PushKind {
+	if x != nil {
+		return x.Kind
+	}
+	return PushKind_PUSH_KIND_UNSPECIFIED
+}
+
+func (x *PushRegistration) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *PushRegistration) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *PushRegistration) GetP256Dh() []byte {
+	if x != nil {
+		return x.P256Dh
+	}
+	return nil
+}
+
+func (x *PushRegistration) GetAuth() []byte {
+	if x != nil {
+		return x.Auth
+	}
+	return nil
+}
+
+// SetPush registers the device's push target, replacing any earlier one.
+type SetPush struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Registration  *PushRegistration      `protobuf:"bytes,1,opt,name=registration,proto3" json:"registration,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPush) Reset() {
+	*x = SetPush{}
+	mi := &file_ferry_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPush) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPush) ProtoMessage() {}
+
+func (x *SetPush) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPush.ProtoReflect.Descriptor instead.
+func (*SetPush) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *SetPush) GetRegistration() *PushRegistration {
+	if x != nil {
+		return x.Registration
+	}
+	return nil
+}
+
+type SetPushResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPushResult) Reset() {
+	*x = SetPushResult{}
+	mi := &file_ferry_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPushResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPushResult) ProtoMessage() {}
+
+func (x *SetPushResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPushResult.ProtoReflect.Descriptor instead.
+func (*SetPushResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{63}
+}
+
+// ClearPush removes the device's push target (no error if there is none).
+type ClearPush struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClearPush) Reset() {
+	*x = ClearPush{}
+	mi := &file_ferry_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClearPush) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClearPush) ProtoMessage() {}
+
+func (x *ClearPush) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClearPush.ProtoReflect.Descriptor instead.
+func (*ClearPush) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{64}
+}
+
+type ClearPushResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClearPushResult) Reset() {
+	*x = ClearPushResult{}
+	mi := &file_ferry_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClearPushResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClearPushResult) ProtoMessage() {}
+
+func (x *ClearPushResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClearPushResult.ProtoReflect.Descriptor instead.
+func (*ClearPushResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{65}
+}
+
 // Content is what clients encrypt; the server never sees it. Before
 // encryption the encoded Content is padded: append 0x80, then 0x00 bytes up
 // to the next multiple of 160 bytes (so lengths leak only a size bucket).
@@ -4679,7 +5037,7 @@ type Content struct {
 
 func (x *Content) Reset() {
 	*x = Content{}
-	mi := &file_ferry_proto_msgTypes[61]
+	mi := &file_ferry_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4691,7 +5049,7 @@ func (x *Content) String() string {
 func (*Content) ProtoMessage() {}
 
 func (x *Content) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[61]
+	mi := &file_ferry_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4704,7 +5062,7 @@ func (x *Content) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Content.ProtoReflect.Descriptor instead.
 func (*Content) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{61}
+	return file_ferry_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *Content) GetText() string {
@@ -4753,7 +5111,7 @@ type SenderKeyDistribution struct {
 
 func (x *SenderKeyDistribution) Reset() {
 	*x = SenderKeyDistribution{}
-	mi := &file_ferry_proto_msgTypes[62]
+	mi := &file_ferry_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4765,7 +5123,7 @@ func (x *SenderKeyDistribution) String() string {
 func (*SenderKeyDistribution) ProtoMessage() {}
 
 func (x *SenderKeyDistribution) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[62]
+	mi := &file_ferry_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4778,7 +5136,7 @@ func (x *SenderKeyDistribution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SenderKeyDistribution.ProtoReflect.Descriptor instead.
 func (*SenderKeyDistribution) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{62}
+	return file_ferry_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *SenderKeyDistribution) GetGroupId() string {
@@ -4806,7 +5164,7 @@ type HistoryChunk struct {
 
 func (x *HistoryChunk) Reset() {
 	*x = HistoryChunk{}
-	mi := &file_ferry_proto_msgTypes[63]
+	mi := &file_ferry_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4818,7 +5176,7 @@ func (x *HistoryChunk) String() string {
 func (*HistoryChunk) ProtoMessage() {}
 
 func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[63]
+	mi := &file_ferry_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4831,7 +5189,7 @@ func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryChunk.ProtoReflect.Descriptor instead.
 func (*HistoryChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{63}
+	return file_ferry_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *HistoryChunk) GetMessages() []*HistoryMessage {
@@ -4866,7 +5224,7 @@ type HistoryMessage struct {
 
 func (x *HistoryMessage) Reset() {
 	*x = HistoryMessage{}
-	mi := &file_ferry_proto_msgTypes[64]
+	mi := &file_ferry_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4878,7 +5236,7 @@ func (x *HistoryMessage) String() string {
 func (*HistoryMessage) ProtoMessage() {}
 
 func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[64]
+	mi := &file_ferry_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4891,7 +5249,7 @@ func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryMessage.ProtoReflect.Descriptor instead.
 func (*HistoryMessage) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{64}
+	return file_ferry_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *HistoryMessage) GetPeer() string {
@@ -4968,7 +5326,7 @@ var File_ferry_proto protoreflect.FileDescriptor
 
 const file_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\vferry.proto\x12\rferry.wire.v1\"\x86\n" +
+	"\vferry.proto\x12\rferry.wire.v1\"\xf6\n" +
 	"\n" +
 	"\vClientFrame\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
@@ -4998,13 +5356,15 @@ const file_ferry_proto_rawDesc = "" +
 	"listGroups\x129\n" +
 	"\n" +
 	"group_send\x18\x15 \x01(\v2\x18.ferry.wire.v1.GroupSendH\x00R\tgroupSend\x126\n" +
-	"\tmark_read\x18\x16 \x01(\v2\x17.ferry.wire.v1.MarkReadH\x00R\bmarkReadB\x06\n" +
+	"\tmark_read\x18\x16 \x01(\v2\x17.ferry.wire.v1.MarkReadH\x00R\bmarkRead\x123\n" +
+	"\bset_push\x18\x1e \x01(\v2\x16.ferry.wire.v1.SetPushH\x00R\asetPush\x129\n" +
+	"\n" +
+	"clear_push\x18\x1f \x01(\v2\x18.ferry.wire.v1.ClearPushH\x00R\tclearPushB\x06\n" +
 	"\x04body\"z\n" +
 	"\vServerFrame\x125\n" +
 	"\bresponse\x18\x01 \x01(\v2\x17.ferry.wire.v1.ResponseH\x00R\bresponse\x12,\n" +
 	"\x05event\x18\x02 \x01(\v2\x14.ferry.wire.v1.EventH\x00R\x05eventB\x06\n" +
-	"\x04body\"\x88\n" +
-	"\n" +
+	"\x04body\"\x84\v\n" +
 	"\bResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12*\n" +
 	"\x05error\x18\x02 \x01(\v2\x14.ferry.wire.v1.ErrorR\x05error\x122\n" +
@@ -5032,7 +5392,10 @@ const file_ferry_proto_rawDesc = "" +
 	"listGroups\x12:\n" +
 	"\n" +
 	"group_send\x18\x1b \x01(\v2\x19.ferry.wire.v1.SendResultH\x00R\tgroupSend\x12<\n" +
-	"\tmark_read\x18\x1c \x01(\v2\x1d.ferry.wire.v1.MarkReadResultH\x00R\bmarkReadB\b\n" +
+	"\tmark_read\x18\x1c \x01(\v2\x1d.ferry.wire.v1.MarkReadResultH\x00R\bmarkRead\x129\n" +
+	"\bset_push\x18$ \x01(\v2\x1c.ferry.wire.v1.SetPushResultH\x00R\asetPush\x12?\n" +
+	"\n" +
+	"clear_push\x18% \x01(\v2\x1e.ferry.wire.v1.ClearPushResultH\x00R\tclearPushB\b\n" +
 	"\x06result\"\x86\x02\n" +
 	"\x05Event\x125\n" +
 	"\benvelope\x18\x01 \x01(\v2\x17.ferry.wire.v1.EnvelopeH\x00R\benvelope\x12<\n" +
@@ -5285,7 +5648,18 @@ const file_ferry_proto_rawDesc = "" +
 	"\x0eDeviceMismatch\x122\n" +
 	"\amissing\x18\x01 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\amissing\x12.\n" +
 	"\x05extra\x18\x02 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05extra\x12.\n" +
-	"\x05stale\x18\x03 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05stale\"\xdc\x01\n" +
+	"\x05stale\x18\x03 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\x05stale\"\x9d\x01\n" +
+	"\x10PushRegistration\x12+\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x17.ferry.wire.v1.PushKindR\x04kind\x12\x14\n" +
+	"\x05token\x18\x02 \x01(\tR\x05token\x12\x1a\n" +
+	"\bendpoint\x18\x03 \x01(\tR\bendpoint\x12\x16\n" +
+	"\x06p256dh\x18\x04 \x01(\fR\x06p256dh\x12\x12\n" +
+	"\x04auth\x18\x05 \x01(\fR\x04auth\"N\n" +
+	"\aSetPush\x12C\n" +
+	"\fregistration\x18\x01 \x01(\v2\x1f.ferry.wire.v1.PushRegistrationR\fregistration\"\x0f\n" +
+	"\rSetPushResult\"\v\n" +
+	"\tClearPush\"\x11\n" +
+	"\x0fClearPushResult\"\xdc\x01\n" +
 	"\aContent\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12 \n" +
 	"\fsent_time_ms\x18\x02 \x01(\x03R\n" +
@@ -5324,7 +5698,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\vReceiptKind\x12\x1c\n" +
 	"\x18RECEIPT_KIND_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tDELIVERED\x10\x01\x12\b\n" +
-	"\x04READ\x10\x02*\xf6\x04\n" +
+	"\x04READ\x10\x02*\x9e\x05\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vBAD_REQUEST\x10\x01\x12\x17\n" +
@@ -5359,7 +5733,15 @@ const file_ferry_proto_rawDesc = "" +
 	"\vGROUP_STALE\x10\x1c\x12\r\n" +
 	"\tNOT_ADMIN\x10\x1d\x12\x0e\n" +
 	"\n" +
-	"GROUP_FULL\x10\x1eB&Z$github.com/ferryhq/ferry/wire/wirepbb\x06proto3"
+	"GROUP_FULL\x10\x1e\x12\x14\n" +
+	"\x10PUSH_UNSUPPORTED\x10#\x12\x10\n" +
+	"\fPUSH_INVALID\x10$*V\n" +
+	"\bPushKind\x12\x19\n" +
+	"\x15PUSH_KIND_UNSPECIFIED\x10\x00\x12\b\n" +
+	"\x04APNS\x10\x01\x12\a\n" +
+	"\x03FCM\x10\x02\x12\v\n" +
+	"\aWEBPUSH\x10\x03\x12\x0f\n" +
+	"\vUNIFIEDPUSH\x10\x04B&Z$github.com/ferryhq/ferry/wire/wirepbb\x06proto3"
 
 var (
 	file_ferry_proto_rawDescOnce sync.Once
@@ -5373,162 +5755,174 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
+var file_ferry_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 70)
 var file_ferry_proto_goTypes = []any{
 	(EnvelopeType)(0),               // 0: ferry.wire.v1.EnvelopeType
 	(ReceiptKind)(0),                // 1: ferry.wire.v1.ReceiptKind
 	(ErrorCode)(0),                  // 2: ferry.wire.v1.ErrorCode
-	(GroupChange_Op)(0),             // 3: ferry.wire.v1.GroupChange.Op
-	(*ClientFrame)(nil),             // 4: ferry.wire.v1.ClientFrame
-	(*ServerFrame)(nil),             // 5: ferry.wire.v1.ServerFrame
-	(*Response)(nil),                // 6: ferry.wire.v1.Response
-	(*Event)(nil),                   // 7: ferry.wire.v1.Event
-	(*Hello)(nil),                   // 8: ferry.wire.v1.Hello
-	(*Welcome)(nil),                 // 9: ferry.wire.v1.Welcome
-	(*Limits)(nil),                  // 10: ferry.wire.v1.Limits
-	(*Register)(nil),                // 11: ferry.wire.v1.Register
-	(*RegisterResult)(nil),          // 12: ferry.wire.v1.RegisterResult
-	(*Auth)(nil),                    // 13: ferry.wire.v1.Auth
-	(*AuthResult)(nil),              // 14: ferry.wire.v1.AuthResult
-	(*PreKey)(nil),                  // 15: ferry.wire.v1.PreKey
-	(*SignedPreKey)(nil),            // 16: ferry.wire.v1.SignedPreKey
-	(*UploadKeys)(nil),              // 17: ferry.wire.v1.UploadKeys
-	(*UploadKeysResult)(nil),        // 18: ferry.wire.v1.UploadKeysResult
-	(*KeyStatus)(nil),               // 19: ferry.wire.v1.KeyStatus
-	(*KeyStatusResult)(nil),         // 20: ferry.wire.v1.KeyStatusResult
-	(*ClaimBundles)(nil),            // 21: ferry.wire.v1.ClaimBundles
-	(*PreKeyBundle)(nil),            // 22: ferry.wire.v1.PreKeyBundle
-	(*ClaimBundlesResult)(nil),      // 23: ferry.wire.v1.ClaimBundlesResult
-	(*DeviceCiphertext)(nil),        // 24: ferry.wire.v1.DeviceCiphertext
-	(*Send)(nil),                    // 25: ferry.wire.v1.Send
-	(*SendResult)(nil),              // 26: ferry.wire.v1.SendResult
-	(*Ack)(nil),                     // 27: ferry.wire.v1.Ack
-	(*AckResult)(nil),               // 28: ferry.wire.v1.AckResult
-	(*Envelope)(nil),                // 29: ferry.wire.v1.Envelope
-	(*Receipt)(nil),                 // 30: ferry.wire.v1.Receipt
-	(*MarkRead)(nil),                // 31: ferry.wire.v1.MarkRead
-	(*MarkReadResult)(nil),          // 32: ferry.wire.v1.MarkReadResult
-	(*QueueEmpty)(nil),              // 33: ferry.wire.v1.QueueEmpty
-	(*PrekeysLow)(nil),              // 34: ferry.wire.v1.PrekeysLow
-	(*DeviceList)(nil),              // 35: ferry.wire.v1.DeviceList
-	(*DeviceListEntry)(nil),         // 36: ferry.wire.v1.DeviceListEntry
-	(*SignedDeviceList)(nil),        // 37: ferry.wire.v1.SignedDeviceList
-	(*PublishDeviceList)(nil),       // 38: ferry.wire.v1.PublishDeviceList
-	(*PublishDeviceListResult)(nil), // 39: ferry.wire.v1.PublishDeviceListResult
-	(*GetDeviceList)(nil),           // 40: ferry.wire.v1.GetDeviceList
-	(*GetDeviceListResult)(nil),     // 41: ferry.wire.v1.GetDeviceListResult
-	(*LinkStart)(nil),               // 42: ferry.wire.v1.LinkStart
-	(*LinkStartResult)(nil),         // 43: ferry.wire.v1.LinkStartResult
-	(*GetLink)(nil),                 // 44: ferry.wire.v1.GetLink
-	(*GetLinkResult)(nil),           // 45: ferry.wire.v1.GetLinkResult
-	(*ApproveLink)(nil),             // 46: ferry.wire.v1.ApproveLink
-	(*ApproveLinkResult)(nil),       // 47: ferry.wire.v1.ApproveLinkResult
-	(*LinkApproved)(nil),            // 48: ferry.wire.v1.LinkApproved
-	(*LinkMaterial)(nil),            // 49: ferry.wire.v1.LinkMaterial
-	(*RemoveDevice)(nil),            // 50: ferry.wire.v1.RemoveDevice
-	(*RemoveDeviceResult)(nil),      // 51: ferry.wire.v1.RemoveDeviceResult
-	(*SyncToDevice)(nil),            // 52: ferry.wire.v1.SyncToDevice
-	(*GroupInfo)(nil),               // 53: ferry.wire.v1.GroupInfo
-	(*GroupMember)(nil),             // 54: ferry.wire.v1.GroupMember
-	(*GroupDevice)(nil),             // 55: ferry.wire.v1.GroupDevice
-	(*GroupCreate)(nil),             // 56: ferry.wire.v1.GroupCreate
-	(*GroupChange)(nil),             // 57: ferry.wire.v1.GroupChange
-	(*GetGroup)(nil),                // 58: ferry.wire.v1.GetGroup
-	(*ListGroups)(nil),              // 59: ferry.wire.v1.ListGroups
-	(*ListGroupsResult)(nil),        // 60: ferry.wire.v1.ListGroupsResult
-	(*GroupSend)(nil),               // 61: ferry.wire.v1.GroupSend
-	(*Error)(nil),                   // 62: ferry.wire.v1.Error
-	(*DeviceRef)(nil),               // 63: ferry.wire.v1.DeviceRef
-	(*DeviceMismatch)(nil),          // 64: ferry.wire.v1.DeviceMismatch
-	(*Content)(nil),                 // 65: ferry.wire.v1.Content
-	(*SenderKeyDistribution)(nil),   // 66: ferry.wire.v1.SenderKeyDistribution
-	(*HistoryChunk)(nil),            // 67: ferry.wire.v1.HistoryChunk
-	(*HistoryMessage)(nil),          // 68: ferry.wire.v1.HistoryMessage
+	(PushKind)(0),                   // 3: ferry.wire.v1.PushKind
+	(GroupChange_Op)(0),             // 4: ferry.wire.v1.GroupChange.Op
+	(*ClientFrame)(nil),             // 5: ferry.wire.v1.ClientFrame
+	(*ServerFrame)(nil),             // 6: ferry.wire.v1.ServerFrame
+	(*Response)(nil),                // 7: ferry.wire.v1.Response
+	(*Event)(nil),                   // 8: ferry.wire.v1.Event
+	(*Hello)(nil),                   // 9: ferry.wire.v1.Hello
+	(*Welcome)(nil),                 // 10: ferry.wire.v1.Welcome
+	(*Limits)(nil),                  // 11: ferry.wire.v1.Limits
+	(*Register)(nil),                // 12: ferry.wire.v1.Register
+	(*RegisterResult)(nil),          // 13: ferry.wire.v1.RegisterResult
+	(*Auth)(nil),                    // 14: ferry.wire.v1.Auth
+	(*AuthResult)(nil),              // 15: ferry.wire.v1.AuthResult
+	(*PreKey)(nil),                  // 16: ferry.wire.v1.PreKey
+	(*SignedPreKey)(nil),            // 17: ferry.wire.v1.SignedPreKey
+	(*UploadKeys)(nil),              // 18: ferry.wire.v1.UploadKeys
+	(*UploadKeysResult)(nil),        // 19: ferry.wire.v1.UploadKeysResult
+	(*KeyStatus)(nil),               // 20: ferry.wire.v1.KeyStatus
+	(*KeyStatusResult)(nil),         // 21: ferry.wire.v1.KeyStatusResult
+	(*ClaimBundles)(nil),            // 22: ferry.wire.v1.ClaimBundles
+	(*PreKeyBundle)(nil),            // 23: ferry.wire.v1.PreKeyBundle
+	(*ClaimBundlesResult)(nil),      // 24: ferry.wire.v1.ClaimBundlesResult
+	(*DeviceCiphertext)(nil),        // 25: ferry.wire.v1.DeviceCiphertext
+	(*Send)(nil),                    // 26: ferry.wire.v1.Send
+	(*SendResult)(nil),              // 27: ferry.wire.v1.SendResult
+	(*Ack)(nil),                     // 28: ferry.wire.v1.Ack
+	(*AckResult)(nil),               // 29: ferry.wire.v1.AckResult
+	(*Envelope)(nil),                // 30: ferry.wire.v1.Envelope
+	(*Receipt)(nil),                 // 31: ferry.wire.v1.Receipt
+	(*MarkRead)(nil),                // 32: ferry.wire.v1.MarkRead
+	(*MarkReadResult)(nil),          // 33: ferry.wire.v1.MarkReadResult
+	(*QueueEmpty)(nil),              // 34: ferry.wire.v1.QueueEmpty
+	(*PrekeysLow)(nil),              // 35: ferry.wire.v1.PrekeysLow
+	(*DeviceList)(nil),              // 36: ferry.wire.v1.DeviceList
+	(*DeviceListEntry)(nil),         // 37: ferry.wire.v1.DeviceListEntry
+	(*SignedDeviceList)(nil),        // 38: ferry.wire.v1.SignedDeviceList
+	(*PublishDeviceList)(nil),       // 39: ferry.wire.v1.PublishDeviceList
+	(*PublishDeviceListResult)(nil), // 40: ferry.wire.v1.PublishDeviceListResult
+	(*GetDeviceList)(nil),           // 41: ferry.wire.v1.GetDeviceList
+	(*GetDeviceListResult)(nil),     // 42: ferry.wire.v1.GetDeviceListResult
+	(*LinkStart)(nil),               // 43: ferry.wire.v1.LinkStart
+	(*LinkStartResult)(nil),         // 44: ferry.wire.v1.LinkStartResult
+	(*GetLink)(nil),                 // 45: ferry.wire.v1.GetLink
+	(*GetLinkResult)(nil),           // 46: ferry.wire.v1.GetLinkResult
+	(*ApproveLink)(nil),             // 47: ferry.wire.v1.ApproveLink
+	(*ApproveLinkResult)(nil),       // 48: ferry.wire.v1.ApproveLinkResult
+	(*LinkApproved)(nil),            // 49: ferry.wire.v1.LinkApproved
+	(*LinkMaterial)(nil),            // 50: ferry.wire.v1.LinkMaterial
+	(*RemoveDevice)(nil),            // 51: ferry.wire.v1.RemoveDevice
+	(*RemoveDeviceResult)(nil),      // 52: ferry.wire.v1.RemoveDeviceResult
+	(*SyncToDevice)(nil),            // 53: ferry.wire.v1.SyncToDevice
+	(*GroupInfo)(nil),               // 54: ferry.wire.v1.GroupInfo
+	(*GroupMember)(nil),             // 55: ferry.wire.v1.GroupMember
+	(*GroupDevice)(nil),             // 56: ferry.wire.v1.GroupDevice
+	(*GroupCreate)(nil),             // 57: ferry.wire.v1.GroupCreate
+	(*GroupChange)(nil),             // 58: ferry.wire.v1.GroupChange
+	(*GetGroup)(nil),                // 59: ferry.wire.v1.GetGroup
+	(*ListGroups)(nil),              // 60: ferry.wire.v1.ListGroups
+	(*ListGroupsResult)(nil),        // 61: ferry.wire.v1.ListGroupsResult
+	(*GroupSend)(nil),               // 62: ferry.wire.v1.GroupSend
+	(*Error)(nil),                   // 63: ferry.wire.v1.Error
+	(*DeviceRef)(nil),               // 64: ferry.wire.v1.DeviceRef
+	(*DeviceMismatch)(nil),          // 65: ferry.wire.v1.DeviceMismatch
+	(*PushRegistration)(nil),        // 66: ferry.wire.v1.PushRegistration
+	(*SetPush)(nil),                 // 67: ferry.wire.v1.SetPush
+	(*SetPushResult)(nil),           // 68: ferry.wire.v1.SetPushResult
+	(*ClearPush)(nil),               // 69: ferry.wire.v1.ClearPush
+	(*ClearPushResult)(nil),         // 70: ferry.wire.v1.ClearPushResult
+	(*Content)(nil),                 // 71: ferry.wire.v1.Content
+	(*SenderKeyDistribution)(nil),   // 72: ferry.wire.v1.SenderKeyDistribution
+	(*HistoryChunk)(nil),            // 73: ferry.wire.v1.HistoryChunk
+	(*HistoryMessage)(nil),          // 74: ferry.wire.v1.HistoryMessage
 }
 var file_ferry_proto_depIdxs = []int32{
-	8,  // 0: ferry.wire.v1.ClientFrame.hello:type_name -> ferry.wire.v1.Hello
-	11, // 1: ferry.wire.v1.ClientFrame.register:type_name -> ferry.wire.v1.Register
-	13, // 2: ferry.wire.v1.ClientFrame.auth:type_name -> ferry.wire.v1.Auth
-	17, // 3: ferry.wire.v1.ClientFrame.upload_keys:type_name -> ferry.wire.v1.UploadKeys
-	21, // 4: ferry.wire.v1.ClientFrame.claim_bundles:type_name -> ferry.wire.v1.ClaimBundles
-	25, // 5: ferry.wire.v1.ClientFrame.send:type_name -> ferry.wire.v1.Send
-	27, // 6: ferry.wire.v1.ClientFrame.ack:type_name -> ferry.wire.v1.Ack
-	19, // 7: ferry.wire.v1.ClientFrame.key_status:type_name -> ferry.wire.v1.KeyStatus
-	38, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
-	40, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
-	42, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
-	44, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
-	46, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
-	50, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
-	52, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
-	56, // 15: ferry.wire.v1.ClientFrame.group_create:type_name -> ferry.wire.v1.GroupCreate
-	57, // 16: ferry.wire.v1.ClientFrame.group_change:type_name -> ferry.wire.v1.GroupChange
-	58, // 17: ferry.wire.v1.ClientFrame.get_group:type_name -> ferry.wire.v1.GetGroup
-	59, // 18: ferry.wire.v1.ClientFrame.list_groups:type_name -> ferry.wire.v1.ListGroups
-	61, // 19: ferry.wire.v1.ClientFrame.group_send:type_name -> ferry.wire.v1.GroupSend
-	31, // 20: ferry.wire.v1.ClientFrame.mark_read:type_name -> ferry.wire.v1.MarkRead
-	6,  // 21: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
-	7,  // 22: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
-	62, // 23: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
-	9,  // 24: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
-	12, // 25: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
-	14, // 26: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
-	18, // 27: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
-	23, // 28: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
-	26, // 29: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
-	28, // 30: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
-	20, // 31: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
-	39, // 32: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
-	41, // 33: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
-	43, // 34: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
-	45, // 35: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
-	47, // 36: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
-	51, // 37: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
-	26, // 38: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
-	53, // 39: ferry.wire.v1.Response.group:type_name -> ferry.wire.v1.GroupInfo
-	60, // 40: ferry.wire.v1.Response.list_groups:type_name -> ferry.wire.v1.ListGroupsResult
-	26, // 41: ferry.wire.v1.Response.group_send:type_name -> ferry.wire.v1.SendResult
-	32, // 42: ferry.wire.v1.Response.mark_read:type_name -> ferry.wire.v1.MarkReadResult
-	29, // 43: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
-	33, // 44: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
-	34, // 45: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
-	48, // 46: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
-	10, // 47: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
-	16, // 48: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	15, // 49: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
-	16, // 50: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	15, // 51: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
-	22, // 52: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
-	0,  // 53: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
-	24, // 54: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
-	0,  // 55: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
-	30, // 56: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
-	53, // 57: ferry.wire.v1.Envelope.group:type_name -> ferry.wire.v1.GroupInfo
-	1,  // 58: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
-	36, // 59: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
-	37, // 60: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
-	37, // 61: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
-	0,  // 62: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
-	54, // 63: ferry.wire.v1.GroupInfo.members:type_name -> ferry.wire.v1.GroupMember
-	55, // 64: ferry.wire.v1.GroupMember.devices:type_name -> ferry.wire.v1.GroupDevice
-	3,  // 65: ferry.wire.v1.GroupChange.op:type_name -> ferry.wire.v1.GroupChange.Op
-	53, // 66: ferry.wire.v1.ListGroupsResult.groups:type_name -> ferry.wire.v1.GroupInfo
-	0,  // 67: ferry.wire.v1.GroupSend.type:type_name -> ferry.wire.v1.EnvelopeType
-	2,  // 68: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
-	64, // 69: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
-	53, // 70: ferry.wire.v1.Error.group:type_name -> ferry.wire.v1.GroupInfo
-	63, // 71: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
-	63, // 72: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
-	63, // 73: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
-	67, // 74: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
-	66, // 75: ferry.wire.v1.Content.sender_key:type_name -> ferry.wire.v1.SenderKeyDistribution
-	68, // 76: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
-	77, // [77:77] is the sub-list for method output_type
-	77, // [77:77] is the sub-list for method input_type
-	77, // [77:77] is the sub-list for extension type_name
-	77, // [77:77] is the sub-list for extension extendee
-	0,  // [0:77] is the sub-list for field type_name
+	9,  // 0: ferry.wire.v1.ClientFrame.hello:type_name -> ferry.wire.v1.Hello
+	12, // 1: ferry.wire.v1.ClientFrame.register:type_name -> ferry.wire.v1.Register
+	14, // 2: ferry.wire.v1.ClientFrame.auth:type_name -> ferry.wire.v1.Auth
+	18, // 3: ferry.wire.v1.ClientFrame.upload_keys:type_name -> ferry.wire.v1.UploadKeys
+	22, // 4: ferry.wire.v1.ClientFrame.claim_bundles:type_name -> ferry.wire.v1.ClaimBundles
+	26, // 5: ferry.wire.v1.ClientFrame.send:type_name -> ferry.wire.v1.Send
+	28, // 6: ferry.wire.v1.ClientFrame.ack:type_name -> ferry.wire.v1.Ack
+	20, // 7: ferry.wire.v1.ClientFrame.key_status:type_name -> ferry.wire.v1.KeyStatus
+	39, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
+	41, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
+	43, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
+	45, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
+	47, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
+	51, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
+	53, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
+	57, // 15: ferry.wire.v1.ClientFrame.group_create:type_name -> ferry.wire.v1.GroupCreate
+	58, // 16: ferry.wire.v1.ClientFrame.group_change:type_name -> ferry.wire.v1.GroupChange
+	59, // 17: ferry.wire.v1.ClientFrame.get_group:type_name -> ferry.wire.v1.GetGroup
+	60, // 18: ferry.wire.v1.ClientFrame.list_groups:type_name -> ferry.wire.v1.ListGroups
+	62, // 19: ferry.wire.v1.ClientFrame.group_send:type_name -> ferry.wire.v1.GroupSend
+	32, // 20: ferry.wire.v1.ClientFrame.mark_read:type_name -> ferry.wire.v1.MarkRead
+	67, // 21: ferry.wire.v1.ClientFrame.set_push:type_name -> ferry.wire.v1.SetPush
+	69, // 22: ferry.wire.v1.ClientFrame.clear_push:type_name -> ferry.wire.v1.ClearPush
+	7,  // 23: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
+	8,  // 24: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
+	63, // 25: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
+	10, // 26: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
+	13, // 27: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
+	15, // 28: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
+	19, // 29: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
+	24, // 30: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
+	27, // 31: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
+	29, // 32: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
+	21, // 33: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
+	40, // 34: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
+	42, // 35: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
+	44, // 36: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
+	46, // 37: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
+	48, // 38: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
+	52, // 39: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
+	27, // 40: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
+	54, // 41: ferry.wire.v1.Response.group:type_name -> ferry.wire.v1.GroupInfo
+	61, // 42: ferry.wire.v1.Response.list_groups:type_name -> ferry.wire.v1.ListGroupsResult
+	27, // 43: ferry.wire.v1.Response.group_send:type_name -> ferry.wire.v1.SendResult
+	33, // 44: ferry.wire.v1.Response.mark_read:type_name -> ferry.wire.v1.MarkReadResult
+	68, // 45: ferry.wire.v1.Response.set_push:type_name -> ferry.wire.v1.SetPushResult
+	70, // 46: ferry.wire.v1.Response.clear_push:type_name -> ferry.wire.v1.ClearPushResult
+	30, // 47: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
+	34, // 48: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
+	35, // 49: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
+	49, // 50: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
+	11, // 51: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
+	17, // 52: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	16, // 53: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
+	17, // 54: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	16, // 55: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
+	23, // 56: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
+	0,  // 57: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
+	25, // 58: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
+	0,  // 59: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
+	31, // 60: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
+	54, // 61: ferry.wire.v1.Envelope.group:type_name -> ferry.wire.v1.GroupInfo
+	1,  // 62: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
+	37, // 63: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
+	38, // 64: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
+	38, // 65: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
+	0,  // 66: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
+	55, // 67: ferry.wire.v1.GroupInfo.members:type_name -> ferry.wire.v1.GroupMember
+	56, // 68: ferry.wire.v1.GroupMember.devices:type_name -> ferry.wire.v1.GroupDevice
+	4,  // 69: ferry.wire.v1.GroupChange.op:type_name -> ferry.wire.v1.GroupChange.Op
+	54, // 70: ferry.wire.v1.ListGroupsResult.groups:type_name -> ferry.wire.v1.GroupInfo
+	0,  // 71: ferry.wire.v1.GroupSend.type:type_name -> ferry.wire.v1.EnvelopeType
+	2,  // 72: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
+	65, // 73: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
+	54, // 74: ferry.wire.v1.Error.group:type_name -> ferry.wire.v1.GroupInfo
+	64, // 75: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
+	64, // 76: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
+	64, // 77: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
+	3,  // 78: ferry.wire.v1.PushRegistration.kind:type_name -> ferry.wire.v1.PushKind
+	66, // 79: ferry.wire.v1.SetPush.registration:type_name -> ferry.wire.v1.PushRegistration
+	73, // 80: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
+	72, // 81: ferry.wire.v1.Content.sender_key:type_name -> ferry.wire.v1.SenderKeyDistribution
+	74, // 82: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
+	83, // [83:83] is the sub-list for method output_type
+	83, // [83:83] is the sub-list for method input_type
+	83, // [83:83] is the sub-list for extension type_name
+	83, // [83:83] is the sub-list for extension extendee
+	0,  // [0:83] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -5558,6 +5952,8 @@ func file_ferry_proto_init() {
 		(*ClientFrame_ListGroups)(nil),
 		(*ClientFrame_GroupSend)(nil),
 		(*ClientFrame_MarkRead)(nil),
+		(*ClientFrame_SetPush)(nil),
+		(*ClientFrame_ClearPush)(nil),
 	}
 	file_ferry_proto_msgTypes[1].OneofWrappers = []any{
 		(*ServerFrame_Response)(nil),
@@ -5583,6 +5979,8 @@ func file_ferry_proto_init() {
 		(*Response_ListGroups)(nil),
 		(*Response_GroupSend)(nil),
 		(*Response_MarkRead)(nil),
+		(*Response_SetPush)(nil),
+		(*Response_ClearPush)(nil),
 	}
 	file_ferry_proto_msgTypes[3].OneofWrappers = []any{
 		(*Event_Envelope)(nil),
@@ -5595,8 +5993,8 @@ func file_ferry_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   65,
+			NumEnums:      5,
+			NumMessages:   70,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
