@@ -19,6 +19,8 @@
 //	'x' username 0x00 device(4) coalesce_key        inbox:   marker index: entry id(8) and receipt seq(8)
 //	'g' 'r' group_id(16)                            group:   Group record (storepb.Group)
 //	'g' 'u' username 0x00 group_id(16)              group:   empty: index of a member's groups
+//	'p' 's' username                                presence: last seen, Unix ms (8 bytes), written NoSync
+//	'p' 'v' username                                presence: privacy setting (wirepb.PresencePrivacy)
 //
 // An inbox entry ('i') of a group message or GROUP_UPDATE holds only its
 // id, seq and time, followed by a storepb.EntryBodyRef naming the shared
@@ -29,6 +31,9 @@
 // marker with a higher seq replaces that entry instead of adding one. It
 // may point to an entry that was acked or expired; the next marker
 // overwrites it.
+//
+// Presence is kept only as a last-seen time and the privacy setting that
+// governs it; online state, subscriptions and typing live in memory.
 //
 // Nothing else is stored: no plaintext, no history, no contact lists.
 package store
@@ -54,6 +59,7 @@ const (
 	PrefixGroupBody  = 'c'
 	PrefixGroup      = 'g'
 	PrefixMarker     = 'x'
+	PrefixPresence   = 'p'
 )
 
 // ErrOpen wraps every failure to open the database.
