@@ -5,6 +5,7 @@ import (
 
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
+	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -51,10 +52,15 @@ type Groups interface {
 	ListFor(ctx context.Context, username string) ([]*storepb.Group, error)
 }
 
+// Presence is what the relay needs of the presence store: last seen
+// (best-effort) and the privacy setting (durable). presence.Store is one.
+type Presence = presence.Backend
+
 // Deps are the stores the relay serves from.
 type Deps struct {
 	Accounts Accounts
 	Prekeys  Prekeys
 	Inbox    Inbox
 	Groups   Groups
+	Presence Presence // nil: kept in memory only
 }

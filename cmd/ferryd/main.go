@@ -20,6 +20,7 @@ import (
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/keys"
+	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/relay"
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
@@ -56,6 +57,11 @@ type config struct {
 	linkAttemptRate  float64
 	linkAttemptBurst int
 	allowedOrigins   stringList
+	flapWindow       time.Duration
+	maxPresenceSubs  int
+	typingRate       float64
+	typingBurst      int
+	typingTTL        time.Duration
 	pprof            bool
 }
 
@@ -95,6 +101,11 @@ func main() {
 	fs.IntVar(&c.linkAttemptBurst, "link-attempt-burst", 10, "link code lookup and approval burst per primary device")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 15*time.Second, "how long SIGTERM waits for in-flight work")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve /debug/pprof/ (profiles; keep off in production listeners)")
+	fs.DurationVar(&c.flapWindow, "presence-flap-window", 2*time.Second, "offline then online within this makes no presence event (0: no coalescing)")
+	fs.IntVar(&c.maxPresenceSubs, "max-presence-subscriptions", 256, "accounts one connection may watch for presence")
+	fs.Float64Var(&c.typingRate, "typing-rate", 2, "typing indicators per second per device")
+	fs.IntVar(&c.typingBurst, "typing-burst", 6, "typing indicator burst per device")
+	fs.DurationVar(&c.typingTTL, "typing-ttl", 6*time.Second, "receivers drop a typing indicator not refreshed within this")
 	fs.Var(&c.allowedOrigins, "allow-origin", "browser origin allowed to connect (repeatable; * for any)")
 	_ = fs.Parse(os.Args[1:])
 
@@ -145,12 +156,15 @@ func run(c config) error {
 		LinkTTL:       c.linkTTL,
 		LinkStartRate: perMinute(c.linkStartRate), LinkStartBurst: c.linkStartBurst,
 		LinkAttemptRate: perMinute(c.linkAttemptRate), LinkAttemptBurst: c.linkAttemptBurst,
+		PresenceFlapWindow: flapWindow(c.flapWindow), MaxPresenceSubscriptions: c.maxPresenceSubs,
+		TypingRate: rate.Limit(c.typingRate), TypingBurst: c.typingBurst, TypingTTL: c.typingTTL,
 	}, relay.Deps{
 		Accounts: accounts,
 		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
 			LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst}),
-		Inbox:  ib,
-		Groups: group.New(db, accounts, group.Options{MaxMembers: c.maxGroupMembers}),
+		Inbox:    ib,
+		Groups:   group.New(db, accounts, group.Options{MaxMembers: c.maxGroupMembers}),
+		Presence: presence.NewStore(db),
 	})
 
 	mux := http.NewServeMux()
@@ -219,6 +233,14 @@ func run(c config) error {
 	}
 	log.Info("ferryd: stopped")
 	return nil
+}
+
+// flapWindow maps the flag (0: off) to relay.Config (negative: off).
+func flapWindow(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }
 
 // perMinute converts a per-minute rate flag (0 or less: the default).
