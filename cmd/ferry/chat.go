@@ -118,7 +118,9 @@ func (m *chatModel) Init() tea.Cmd {
 	return tea.Batch(textinput.Blink, m.markRead(), tick())
 }
 
-func tick() tea.Cmd { return tea.Tick(500*time.Millisecond, func(time.Time) tea.Msg { return tickMsg{} }) }
+func tick() tea.Cmd {
+	return tea.Tick(500*time.Millisecond, func(time.Time) tea.Msg { return tickMsg{} })
+}
 
 func (m *chatModel) reload() {
 	var err error
