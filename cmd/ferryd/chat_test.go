@@ -76,6 +76,10 @@ func TestBlackBoxChatScreen(t *testing.T) {
 			filepath.Join(binDir, "ferry")+" --home "+home+" chat "+peer+"; echo chat exited $?; sleep 3600")
 		return s
 	}
+	quit := func(s *tmuxSession) {
+		s.tmux("send-keys", "-t", s.name, "Escape")
+		s.wait(`chat exited 0`)
+	}
 	t.Cleanup(func() { _ = exec.Command(bin, "-S", sock, "kill-server").Run() })
 
 	alice := open("alice", aliceHome, "bob")
@@ -103,4 +107,19 @@ func TestBlackBoxChatScreen(t *testing.T) {
 	if strings.Contains(alice.screen()+bob.screen(), "chat exited") {
 		t.Fatalf("a chat exited:\n%s\n%s", alice.screen(), bob.screen())
 	}
+
+	// The same for a group (each device has one receiving connection, so
+	// the 1:1 screens close first).
+	quit(alice)
+	quit(bob)
+	mustFerry(t, aliceHome, "group", "create", "team", "bob")
+	ag := open("alice-team", aliceHome, "--group team")
+	bg := open("bob-team", bobHome, "--group team")
+	ag.wait(`group team \(2 members\) · online: bob`)
+	bg.wait(`group team \(2 members\) · online: alice`)
+	ag.typeText("team-1", false)
+	bg.wait(`alice is typing…`)
+	ag.typeText("", true)
+	bg.wait(`alice: team-1`)
+	ag.wait(`me: team-1 ✓✓ read\s*$`)
 }
