@@ -74,7 +74,7 @@ func cmdChat(ctx context.Context, c *client.Client, args []string, stdin io.Read
 	}()
 	go func() {
 		if err := <-done; err != nil {
-			p.Send(errMsg{err})
+			p.Send(errMsg{err: err})
 		}
 	}()
 	final, err := p.Run()
@@ -90,9 +90,12 @@ func cmdChat(ctx context.Context, c *client.Client, args []string, stdin io.Read
 type (
 	connMsg  struct{ conn *client.Conn }
 	eventMsg struct{ ev client.Event }
-	errMsg   struct{ err error }
-	sentMsg  struct{ err error }
-	tickMsg  struct{}
+	errMsg   struct {
+		err  error
+		soft bool // shown in the status line; the screen stays
+	}
+	sentMsg struct{ err error }
+	tickMsg struct{}
 )
 
 type chatModel struct {
@@ -142,7 +145,7 @@ func (m *chatModel) markRead() tea.Cmd {
 		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
 		if _, err := c.MarkRead(rctx, name, group); err != nil && ctx.Err() == nil {
-			return errMsg{fmt.Errorf("mark read: %w", err)}
+			return errMsg{err: fmt.Errorf("mark read: %w", err), soft: true}
 		}
 		return nil
 	}
@@ -235,18 +238,12 @@ func (m *chatModel) Update(msg tea.Msg) (tea.Model, tea.Cmd) {
 		if m.ctx.Err() != nil {
 			return m, tea.Quit
 		}
-		var ce *client.CloseError
-		if e, ok := msg.err.(*client.CloseError); ok {
-			ce = e
-		}
-		if ce != nil || strings.Contains(msg.err.Error(), "mark read") {
-			m.status = msg.err.Error()
-			if ce != nil && !ce.Reconnect() {
-				m.fatal = msg.err
-				return m, tea.Quit
-			}
+		if msg.soft {
+			m.status = describe(msg.err)
 			return m, nil
 		}
+		// Receive gave up: auth failed, replaced by another connection of
+		// this device (4003), device removed.
 		m.fatal = msg.err
 		return m, tea.Quit
 	case sentMsg:
