@@ -365,16 +365,19 @@ func (m *chatModel) View() string {
 	if rows < 1 {
 		rows = 20
 	}
-	start := max(0, len(m.msgs)-rows)
-	for i := start; i < len(m.msgs); i++ {
-		l := m.line(&m.msgs[i])
-		if m.width > 0 && len([]rune(l)) > m.width {
-			l = string([]rune(l)[:m.width])
-		}
+	// The newest messages that fit, long ones wrapped at the width.
+	var lines []string
+	for i := len(m.msgs) - 1; i >= 0 && len(lines) < rows; i-- {
+		lines = append(wrap(m.line(&m.msgs[i]), m.width), lines...)
+	}
+	if len(lines) > rows {
+		lines = lines[len(lines)-rows:]
+	}
+	for _, l := range lines {
 		b.WriteString(l)
 		b.WriteString("\n")
 	}
-	for i := len(m.msgs) - start; i < rows; i++ {
+	for i := len(lines); i < rows; i++ {
 		b.WriteString("\n")
 	}
 	var typers []string
@@ -393,4 +396,18 @@ func (m *chatModel) View() string {
 	b.WriteString("\n")
 	b.WriteString(m.input.View())
 	return b.String()
+}
+
+// wrap cuts s into lines of at most width runes (0: no limit).
+func wrap(s string, width int) []string {
+	r := []rune(s)
+	if width <= 0 || len(r) <= width {
+		return []string{s}
+	}
+	var out []string
+	for len(r) > width {
+		out = append(out, string(r[:width]))
+		r = r[width:]
+	}
+	return append(out, string(r))
 }
