@@ -102,7 +102,7 @@ func TestBlackBoxPresence(t *testing.T) {
 		if err != nil {
 			t.Fatalf("last seen %q: %v", p.LastSeen, err)
 		}
-		if ts.Before(from.Add(-time.Second)) || ts.After(from.Add(2*ping+time.Second)) {
+		if ts.Before(from.Add(-time.Second)) || ts.After(from.Add(2*ping+2*time.Second)) { // slack for a loaded machine
 			t.Fatalf("last seen %v, %v after the peer went away; want within two ping intervals", ts, ts.Sub(from))
 		}
 	}
