@@ -5,6 +5,11 @@
 //	ferry send NAME TEXT|-
 //	ferry recv [--wait DURATION] [--json]
 //	ferry history NAME [--json]
+//	ferry chat [--group] NAME
+//	ferry presence NAME [--json]
+//	ferry privacy presence everyone|nobody|allow NAME...
+//
+// (`ferry --help` lists every command.)
 package main
 
 import (
