@@ -334,8 +334,8 @@ func (c *Conn) readLoop() {
 				ch <- body.Response
 			}
 		case *wirepb.ServerFrame_Event:
-			if body.Event.GetPrekeysLow() != nil {
-				// A hint; never worth stalling responses for.
+			if body.Event.GetPrekeysLow() != nil || body.Event.GetPresence() != nil || body.Event.GetTyping() != nil {
+				// Hints and ephemeral state; never worth stalling responses for.
 				select {
 				case c.events <- body.Event:
 				default:

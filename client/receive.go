@@ -27,6 +27,12 @@ type Event struct {
 	// Imported counts history messages added from a chunk another device of
 	// this account sent (after linking); set with Message nil.
 	Imported int
+	// Presence is a watched account's presence (ReceiveOptions.Subscribe):
+	// first its state at connect, then each change. Best-effort.
+	Presence *wirepb.PresenceInfo
+	// Typing is someone typing (or stopping) in a conversation of this
+	// account. Treat it as stopped after Typing.TtlMs without a refresh.
+	Typing *wirepb.TypingEvent
 }
 
 // ReceiveOptions for Receive.
@@ -36,6 +42,14 @@ type ReceiveOptions struct {
 	UntilEmpty bool
 	// Handle is called for each event, in inbox order, after it is stored.
 	Handle func(Event)
+	// Subscribe names accounts whose presence to watch; the subscription is
+	// made again on every connection, and their state then is handed to
+	// Handle as Presence events.
+	Subscribe []string
+	// OnConn, if set, is called with each new connection once it is
+	// authenticated (for requests such as Typing on it), and with nil when
+	// it ends. It runs on Receive's goroutine: do not block.
+	OnConn func(*Conn)
 }
 
 // healthyAfter is how long a connection must last before a reconnect
@@ -110,6 +124,21 @@ func (c *Client) serve(ctx context.Context, conn *Conn, o ReceiveOptions) (done 
 		}()
 	}
 	defer flush()
+	if o.OnConn != nil {
+		o.OnConn(conn)
+		defer o.OnConn(nil)
+	}
+	if len(o.Subscribe) > 0 {
+		ps, err := conn.SubscribePresence(ctx, o.Subscribe)
+		if err != nil {
+			return false, err
+		}
+		for _, p := range ps {
+			if o.Handle != nil {
+				o.Handle(Event{Presence: p})
+			}
+		}
+	}
 	for {
 		var ev *wirepb.Event
 		select {
@@ -129,6 +158,14 @@ func (c *Client) serve(ctx context.Context, conn *Conn, o ReceiveOptions) (done 
 			pending = append(pending, b.Envelope.Id)
 			if len(pending) >= ackBatch || len(conn.Events()) == 0 {
 				flush()
+			}
+		case *wirepb.Event_Presence:
+			if o.Handle != nil {
+				o.Handle(Event{Presence: b.Presence})
+			}
+		case *wirepb.Event_Typing:
+			if o.Handle != nil {
+				o.Handle(Event{Typing: b.Typing})
 			}
 		case *wirepb.Event_QueueEmpty:
 			if o.UntilEmpty {

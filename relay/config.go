@@ -51,6 +51,20 @@ type Config struct {
 	// 0 = 10 per minute, burst 10.
 	LinkAttemptRate  rate.Limit
 	LinkAttemptBurst int
+	// PresenceFlapWindow: an account that goes offline and is back within
+	// this window makes no presence event. 0 = 2s; negative = no
+	// coalescing.
+	PresenceFlapWindow time.Duration
+	// MaxPresenceSubscriptions is how many accounts one connection may
+	// watch (and name in one GetPresence). 0 = 256.
+	MaxPresenceSubscriptions int
+	// TypingRate and TypingBurst limit typing indicators per device.
+	// 0 = 2 per second, burst 6.
+	TypingRate  rate.Limit
+	TypingBurst int
+	// TypingTTL is how long a receiver shows "typing" without a refresh
+	// (sent in every TypingEvent). 0 = 6s.
+	TypingTTL time.Duration
 	// AllowedOrigins lists browser origins allowed to connect. Requests
 	// without an Origin header (native apps) are always allowed. Empty =
 	// same host only.
@@ -77,6 +91,11 @@ func (c *Config) setDefaults() {
 	def(&c.MaxPendingLinks, 10000)
 	def(&c.LinkStartBurst, 5)
 	def(&c.LinkAttemptBurst, 10)
+	def(&c.MaxPresenceSubscriptions, 256)
+	def(&c.TypingBurst, 6)
+	if c.TypingRate <= 0 {
+		c.TypingRate = 2
+	}
 	if c.LinkStartRate <= 0 {
 		c.LinkStartRate = rate.Every(time.Minute / 5)
 	}
@@ -92,6 +111,10 @@ func (c *Config) setDefaults() {
 	defd(&c.PingInterval, 30*time.Second)
 	defd(&c.WriteTimeout, 10*time.Second)
 	defd(&c.LinkTTL, 10*time.Minute)
+	defd(&c.TypingTTL, 6*time.Second)
+	if c.PresenceFlapWindow == 0 {
+		c.PresenceFlapWindow = 2 * time.Second
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}

@@ -142,8 +142,10 @@ func (c *conn) run() {
 	if c.state == stateAuthed {
 		m.authed.Dec()
 		c.untrackDevice()
+		c.s.presence.Unsubscribe(c)
 		if !c.sendOnly {
 			c.s.hub.unregister(c.addr, c)
+			c.s.presence.Disconnected(c.addr.Account)
 			<-c.pumpDone
 		}
 	}
@@ -296,6 +298,9 @@ func (c *conn) becomeDevice() {
 	if c.sendOnly {
 		return
 	}
+	// Online from now until run ends (a dead peer ends within two ping
+	// intervals); counted per connection, so a replacement makes no flap.
+	c.s.presence.Connected(c.addr.Account)
 	if old := c.s.hub.register(c.addr, c); old != nil {
 		old.close(wire.CloseReplaced, "replaced by a newer connection of this device")
 	}
@@ -433,11 +438,14 @@ func (c *conn) enqueue(b []byte) bool {
 	}
 }
 
-// tryEnqueue queues a best-effort frame only if there is room now.
-func (c *conn) tryEnqueue(b []byte) {
+// tryEnqueue queues a best-effort frame only if there is room now, and
+// reports whether it did.
+func (c *conn) tryEnqueue(b []byte) bool {
 	select {
 	case c.out <- b:
+		return true
 	default:
+		return false
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
+	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/push"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
@@ -66,6 +67,10 @@ type Push interface {
 	Clear(ctx context.Context, dev wire.DeviceAddr) error
 }
 
+// Presence is what the relay needs of the presence store: last seen
+// (best-effort) and the privacy setting (durable). presence.Store is one.
+type Presence = presence.Backend
+
 // Deps are the stores the relay serves from.
 type Deps struct {
 	Accounts Accounts
@@ -74,5 +79,6 @@ type Deps struct {
 	Groups   Groups
 	// Push sends wake-ups to offline devices; nil = none (SetPush is then
 	// PUSH_UNSUPPORTED).
-	Push Push
+	Push     Push
+	Presence Presence // nil: kept in memory only
 }

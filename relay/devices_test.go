@@ -20,6 +20,7 @@ import (
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/keys"
+	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -59,7 +60,7 @@ func newGroupEnv(t *testing.T, cfg Config, do device.Options, gro group.Options,
 	}
 	accts, ks := device.New(db, do), keys.New(db, keys.Options{})
 	groups := group.New(db, accts, gro)
-	deps := Deps{Accounts: accts, Prekeys: ks, Inbox: ib, Groups: groups}
+	deps := Deps{Accounts: accts, Prekeys: ks, Inbox: ib, Groups: groups, Presence: presence.NewStore(db)}
 	for _, f := range more {
 		f(db, &deps)
 	}

@@ -266,6 +266,29 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 		if err = c.clearPush(ctx); err == nil {
 			res = &wirepb.Response{Result: &wirepb.Response_ClearPush{ClearPush: &wirepb.ClearPushResult{}}}
 		}
+	case *wirepb.ClientFrame_GetPresence:
+		kind = "get_presence"
+		var r *wirepb.PresenceResult
+		if r, err = c.getPresence(ctx, b.GetPresence); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_Presence{Presence: r}}
+		}
+	case *wirepb.ClientFrame_SubscribePresence:
+		kind = "subscribe_presence"
+		var r *wirepb.PresenceResult
+		if r, err = c.subscribePresence(ctx, b.SubscribePresence); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_Presence{Presence: r}}
+		}
+	case *wirepb.ClientFrame_SetPresencePrivacy:
+		kind = "set_presence_privacy"
+		var r *wirepb.PresencePrivacy
+		if r, err = c.setPresencePrivacy(ctx, b.SetPresencePrivacy); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_PresencePrivacy{PresencePrivacy: r}}
+		}
+	case *wirepb.ClientFrame_Typing:
+		kind = "typing"
+		if err = c.typing(ctx, b.Typing); err == nil {
+			res = &wirepb.Response{Result: &wirepb.Response_Typing{Typing: &wirepb.TypingResult{}}}
+		}
 	default:
 		kind, err = "unknown", wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "unknown request")
 	}
@@ -321,7 +344,7 @@ func (c *conn) claim(ctx context.Context, r *wirepb.ClaimBundles) (*wirepb.Claim
 			continue
 		}
 		if fb, err := encodeEvent(&wirepb.Event{Body: &wirepb.Event_PrekeysLow{PrekeysLow: &wirepb.PrekeysLow{OneTimePrekeys: uint32(n)}}}); err == nil {
-			other.tryEnqueue(fb)
+			_ = other.tryEnqueue(fb)
 		}
 	}
 	return &wirepb.ClaimBundlesResult{Bundles: bundles}, nil

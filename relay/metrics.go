@@ -19,6 +19,8 @@ type metrics struct {
 	groupUpdates prometheus.Counter   // GROUP_UPDATE entries stored
 	groupFanout  prometheus.Histogram // recipient devices per group message
 	groupSendAck prometheus.Histogram // GroupSend received -> ✓ queued
+
+	typing *prometheus.CounterVec // typing events per recipient connection: queued / dropped
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -52,10 +54,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		groupSendAck: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "ferry_relay_group_send_ack_seconds",
 			Help:    "Time from a GroupSend frame read to its ✓ response queued (membership check and synced commit for every recipient device included).",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		typing: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_relay_typing_events_total",
+			Help: "Typing events to connected recipient devices: queued, or dropped on a full queue."}, []string{"result"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.conns, m.authed, m.requests, m.rejected, m.closes, m.sendAck,
-			m.delivered, m.acked, m.receipts, m.queueEmpty, m.groupUpdates, m.groupFanout, m.groupSendAck)
+			m.delivered, m.acked, m.receipts, m.queueEmpty, m.groupUpdates, m.groupFanout, m.groupSendAck, m.typing)
 	}
 	return m
 }

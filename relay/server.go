@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ferryhq/ferry/internal/ratelimit"
+	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/push"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/gorilla/websocket"
@@ -28,9 +30,12 @@ type Server struct {
 	hub      *hub
 	dev      *deviceState // device lists, linking, connections per device
 	groups   *groupLocks  // per-group locks (groups.go)
-	metrics  *metrics
-	upgrader websocket.Upgrader
-	log      *slog.Logger // ids only, never content, keys or signatures
+	presence *presence.Tracker
+	// typing indicators per device
+	typingLim *ratelimit.Keyed[wire.DeviceAddr]
+	metrics   *metrics
+	upgrader  websocket.Upgrader
+	log       *slog.Logger // ids only, never content, keys or signatures
 
 	draining atomic.Bool
 
@@ -49,8 +54,11 @@ func New(cfg Config, deps Deps) *Server {
 		dev:     newDeviceState(&cfg),
 		groups:  newGroupLocks(),
 		metrics: newMetrics(cfg.Registerer),
-		conns:   make(map[*conn]struct{}),
-		log:     cfg.Logger,
+		presence: presence.NewTracker(deps.Presence, presence.Options{FlapWindow: cfg.PresenceFlapWindow,
+			MaxSubscriptions: cfg.MaxPresenceSubscriptions, Registerer: cfg.Registerer, Logger: cfg.Logger}),
+		typingLim: ratelimit.New[wire.DeviceAddr](cfg.TypingRate, cfg.TypingBurst, ratelimit.DefaultMax),
+		conns:     make(map[*conn]struct{}),
+		log:       cfg.Logger,
 	}
 	s.upgrader = websocket.Upgrader{
 		ReadBufferSize:  1024,
@@ -154,6 +162,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	go func() { s.wg.Wait(); close(done) }()
 	select {
 	case <-done:
+		s.presence.Close()
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()

@@ -23,6 +23,8 @@
 //	'g' 'r' group_id(16)                            group:   Group record (storepb.Group)
 //	'g' 'u' username 0x00 group_id(16)              group:   empty: index of a member's groups
 //	'p' username 0x00 device(4)                     push:    wirepb.PushRegistration (the device's push target)
+//	'o' 's' username                                presence: last seen, Unix ms (8 bytes), written NoSync
+//	'o' 'v' username                                presence: privacy setting (wirepb.PresencePrivacy)
 //
 // An inbox entry ('i') of a group message or GROUP_UPDATE holds only its
 // id, seq and time, followed by a storepb.EntryBodyRef naming the shared
@@ -38,6 +40,8 @@
 // the inline threshold: it is committed with the body, before the sender's
 // ✓, and expanded into 'i' entries afterwards, a chunk per commit; its keys
 // go with its last chunk.
+// Presence is kept only as a last-seen time and the privacy setting that
+// governs it; online state, subscriptions and typing live in memory.
 //
 // Nothing else is stored: no plaintext, no history, no contact lists.
 package store
@@ -66,6 +70,7 @@ const (
 	PrefixMarker     = 'x'
 	PrefixFanout     = 'f'
 	PrefixPush       = 'p'
+	PrefixPresence   = 'o'
 )
 
 // ErrOpen wraps every failure to open the database.

@@ -46,7 +46,7 @@ func run(args []string) error {
 		return err
 	}
 	if fs.NArg() == 0 {
-		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]\n       ferry-bench --server URL drain [--messages K] [--size B] [--json]\n       ferry-bench --server URL idle N [--settle D] [--json]\n       ferry-bench --server URL group [--members G] [--devices D] [--messages M] [--procs P] [--json]")
+		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]\n       ferry-bench --server URL drain [--messages K] [--size B] [--json]\n       ferry-bench --server URL idle N [--settle D] [--json]\n       ferry-bench --server URL group [--members G] [--devices D] [--messages M] [--procs P] [--json]\n       ferry-bench --server URL presence [--devices N] [--procs P] [--watch K] [--settle D] [--json]")
 	}
 	switch fs.Arg(0) {
 	case "pairs":
@@ -59,8 +59,12 @@ func run(args []string) error {
 		return groupBench(*server, fs.Args()[1:])
 	case "group-worker": // started by group
 		return groupWorker(*server, fs.Args()[1:])
+	case "presence":
+		return presenceBench(*server, fs.Args()[1:])
+	case "presence-worker":
+		return presenceWorker(*server, fs.Args()[1:])
 	default:
-		return fmt.Errorf("unknown mode %q (have: pairs, drain, idle, group)", fs.Arg(0))
+		return fmt.Errorf("unknown mode %q (have: pairs, drain, idle, group, presence)", fs.Arg(0))
 	}
 }
 

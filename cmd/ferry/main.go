@@ -5,6 +5,11 @@
 //	ferry send NAME TEXT|-
 //	ferry recv [--wait DURATION] [--json]
 //	ferry history NAME [--json]
+//	ferry chat [--group] NAME
+//	ferry presence NAME [--json]
+//	ferry privacy presence everyone|nobody|allow NAME...
+//
+// (`ferry --help` lists every command.)
 package main
 
 import (
@@ -49,6 +54,11 @@ commands:
   group info NAME [--json]     the group's members and devices
   group history NAME [--json]  the local history of a group
   read [--group] NAME          mark the conversation with NAME (or group NAME) read
+  chat [--group] NAME          interactive chat: history, live messages, presence, typing, marks
+  presence NAME [--json]       NAME's presence: online, last seen TIME, or unknown
+  privacy presence everyone|nobody|allow NAME...
+                               who may see your presence (online and last seen)
+  typing [--group] [--stop] NAME  send one typing indicator (scripts; chat does this itself)
   vectors verify DIR           check the test vectors in DIR (exit 1 on any mismatch)
   vectors generate DIR         write every test vector into DIR (byte-identical to testvectors/)
   link                         make this home a new device of an existing account:
@@ -128,6 +138,14 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		err = cmdDevices(ctx, c, rest, stdout)
 	case "push":
 		err = cmdPush(ctx, c, rest, stdout)
+	case "presence":
+		err = cmdPresence(ctx, c, rest, stdout)
+	case "privacy":
+		err = cmdPrivacy(ctx, c, rest, stdout)
+	case "typing":
+		err = cmdTyping(ctx, c, rest, stdout)
+	case "chat":
+		err = cmdChat(ctx, c, rest, stdin, stdout)
 	default:
 		fmt.Fprintf(stderr, "ferry: unknown command %q\n\n%s", cmd, usage)
 		return 2
@@ -310,6 +328,21 @@ func cmdRecv(ctx context.Context, c *client.Client, args []string, out io.Writer
 			}
 			_ = enc.Encode(jsonLine{Type: kind, From: r.Username, FromDevice: r.DeviceId, To: r.To,
 				Group: group, Seq: r.Seq})
+		case ev.Typing != nil && *asJSON:
+			tp := ev.Typing
+			kind := "typing"
+			if !tp.Typing {
+				kind = "typing_stopped"
+			}
+			group := ""
+			if tp.GroupId != "" {
+				if group = c.GroupName(ctx, tp.GroupId); group == "" {
+					group = tp.GroupId
+				}
+			}
+			_ = enc.Encode(jsonLine{Type: kind, From: tp.Username, FromDevice: tp.DeviceId, Group: group})
+		case ev.Typing != nil && ev.Typing.Typing:
+			fmt.Fprintf(out, "(%s is typing)\n", ev.Typing.Username)
 		}
 	}
 	return c.Receive(ctx, opts)

@@ -22,6 +22,7 @@ import (
 	"github.com/ferryhq/ferry/group"
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/keys"
+	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/push"
 	"github.com/ferryhq/ferry/relay"
 	"github.com/ferryhq/ferry/store"
@@ -66,6 +67,11 @@ type config struct {
 	linkAttemptRate  float64
 	linkAttemptBurst int
 	allowedOrigins   stringList
+	flapWindow       time.Duration
+	maxPresenceSubs  int
+	typingRate       float64
+	typingBurst      int
+	typingTTL        time.Duration
 	pprof            bool
 	push             pushFlags
 }
@@ -131,6 +137,11 @@ func main() {
 	fs.IntVar(&c.linkAttemptBurst, "link-attempt-burst", 10, "link code lookup and approval burst per primary device")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 15*time.Second, "how long SIGTERM waits for in-flight work")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve /debug/pprof/ (profiles; keep off in production listeners)")
+	fs.DurationVar(&c.flapWindow, "presence-flap-window", 2*time.Second, "offline then online within this makes no presence event (0: no coalescing)")
+	fs.IntVar(&c.maxPresenceSubs, "max-presence-subscriptions", 256, "accounts one connection may watch for presence")
+	fs.Float64Var(&c.typingRate, "typing-rate", 2, "typing indicators per second per device")
+	fs.IntVar(&c.typingBurst, "typing-burst", 6, "typing indicator burst per device")
+	fs.DurationVar(&c.typingTTL, "typing-ttl", 6*time.Second, "receivers drop a typing indicator not refreshed within this")
 	fs.Var(&c.allowedOrigins, "allow-origin", "browser origin allowed to connect (repeatable; * for any)")
 	p := &c.push
 	fs.DurationVar(&p.window, "push-window", 30*time.Second, "at most one wake-up push per offline device per this window")
@@ -227,13 +238,16 @@ func run(c config) error {
 		LinkTTL:       c.linkTTL,
 		LinkStartRate: perMinute(c.linkStartRate), LinkStartBurst: c.linkStartBurst,
 		LinkAttemptRate: perMinute(c.linkAttemptRate), LinkAttemptBurst: c.linkAttemptBurst,
+		PresenceFlapWindow: flapWindow(c.flapWindow), MaxPresenceSubscriptions: c.maxPresenceSubs,
+		TypingRate: rate.Limit(c.typingRate), TypingBurst: c.typingBurst, TypingTTL: c.typingTTL,
 	}, relay.Deps{
 		Accounts: accounts,
 		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
 			LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst}),
-		Inbox:  wrapInbox(ib, c.data),
-		Groups: group.New(db, accounts, group.Options{MaxMembers: c.maxGroupMembers}),
-		Push:   pusher,
+		Inbox:    wrapInbox(ib, c.data),
+		Groups:   group.New(db, accounts, group.Options{MaxMembers: c.maxGroupMembers}),
+		Push:     pusher,
+		Presence: presence.NewStore(db),
 	})
 
 	mux := http.NewServeMux()
@@ -363,6 +377,14 @@ func pushProviders(p pushFlags) (map[wirepb.PushKind]push.Provider, error) {
 		out[wirepb.PushKind_WEBPUSH] = w
 	}
 	return out, nil
+}
+
+// flapWindow maps the flag (0: off) to relay.Config (negative: off).
+func flapWindow(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }
 
 // perMinute converts a per-minute rate flag (0 or less: the default).

@@ -138,6 +138,107 @@ func (ReceiptKind) EnumDescriptor() ([]byte, []int) {
 	return file_ferry_proto_rawDescGZIP(), []int{1}
 }
 
+type PresenceState int32
+
+const (
+	PresenceState_PRESENCE_UNKNOWN PresenceState = 0 // hidden by the account's privacy setting, or never seen
+	PresenceState_ONLINE           PresenceState = 1 // at least one device holds a live receiving connection
+	PresenceState_OFFLINE          PresenceState = 2 // last_seen_ms says when its last device went away
+)
+
+// Enum value maps for PresenceState.
+var (
+	PresenceState_name = map[int32]string{
+		0: "PRESENCE_UNKNOWN",
+		1: "ONLINE",
+		2: "OFFLINE",
+	}
+	PresenceState_value = map[string]int32{
+		"PRESENCE_UNKNOWN": 0,
+		"ONLINE":           1,
+		"OFFLINE":          2,
+	}
+)
+
+func (x PresenceState) Enum() *PresenceState {
+	p := new(PresenceState)
+	*p = x
+	return p
+}
+
+func (x PresenceState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (PresenceState) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_proto_enumTypes[2].Descriptor()
+}
+
+func (PresenceState) Type() protoreflect.EnumType {
+	return &file_ferry_proto_enumTypes[2]
+}
+
+func (x PresenceState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use PresenceState.Descriptor instead.
+func (PresenceState) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{2}
+}
+
+type PresenceVisibility int32
+
+const (
+	PresenceVisibility_VISIBILITY_UNSPECIFIED PresenceVisibility = 0 // in SetPresencePrivacy: change nothing, answer the current setting
+	PresenceVisibility_EVERYONE               PresenceVisibility = 1 // the default
+	PresenceVisibility_NOBODY                 PresenceVisibility = 2
+	PresenceVisibility_ALLOWLIST              PresenceVisibility = 3 // only the accounts in `allow`
+)
+
+// Enum value maps for PresenceVisibility.
+var (
+	PresenceVisibility_name = map[int32]string{
+		0: "VISIBILITY_UNSPECIFIED",
+		1: "EVERYONE",
+		2: "NOBODY",
+		3: "ALLOWLIST",
+	}
+	PresenceVisibility_value = map[string]int32{
+		"VISIBILITY_UNSPECIFIED": 0,
+		"EVERYONE":               1,
+		"NOBODY":                 2,
+		"ALLOWLIST":              3,
+	}
+)
+
+func (x PresenceVisibility) Enum() *PresenceVisibility {
+	p := new(PresenceVisibility)
+	*p = x
+	return p
+}
+
+func (x PresenceVisibility) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (PresenceVisibility) Descriptor() protoreflect.EnumDescriptor {
+	return file_ferry_proto_enumTypes[3].Descriptor()
+}
+
+func (PresenceVisibility) Type() protoreflect.EnumType {
+	return &file_ferry_proto_enumTypes[3]
+}
+
+func (x PresenceVisibility) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use PresenceVisibility.Descriptor instead.
+func (PresenceVisibility) EnumDescriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{3}
+}
+
 // Stable error codes. Never renumber. docs/protocol.md says what each means
 // and whether retrying can help.
 type ErrorCode int32
@@ -176,6 +277,7 @@ const (
 	ErrorCode_GROUP_FULL             ErrorCode = 30 // over the group size cap
 	ErrorCode_PUSH_UNSUPPORTED       ErrorCode = 35 // this server has no credentials for that push kind
 	ErrorCode_PUSH_INVALID           ErrorCode = 36 // malformed push token, endpoint or subscription
+	ErrorCode_TOO_MANY_SUBSCRIPTIONS ErrorCode = 40 // SubscribePresence over the per-connection bound
 )
 
 // Enum value maps for ErrorCode.
@@ -214,6 +316,7 @@ var (
 		30: "GROUP_FULL",
 		35: "PUSH_UNSUPPORTED",
 		36: "PUSH_INVALID",
+		40: "TOO_MANY_SUBSCRIPTIONS",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED": 0,
@@ -249,6 +352,7 @@ var (
 		"GROUP_FULL":             30,
 		"PUSH_UNSUPPORTED":       35,
 		"PUSH_INVALID":           36,
+		"TOO_MANY_SUBSCRIPTIONS": 40,
 	}
 )
 
@@ -263,11 +367,11 @@ func (x ErrorCode) String() string {
 }
 
 func (ErrorCode) Descriptor() protoreflect.EnumDescriptor {
-	return file_ferry_proto_enumTypes[2].Descriptor()
+	return file_ferry_proto_enumTypes[4].Descriptor()
 }
 
 func (ErrorCode) Type() protoreflect.EnumType {
-	return &file_ferry_proto_enumTypes[2]
+	return &file_ferry_proto_enumTypes[4]
 }
 
 func (x ErrorCode) Number() protoreflect.EnumNumber {
@@ -276,7 +380,7 @@ func (x ErrorCode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ErrorCode.Descriptor instead.
 func (ErrorCode) EnumDescriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{2}
+	return file_ferry_proto_rawDescGZIP(), []int{4}
 }
 
 // PushKind names a push service. See docs/protocol.md, "Push wake-ups".
@@ -319,11 +423,11 @@ func (x PushKind) String() string {
 }
 
 func (PushKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_ferry_proto_enumTypes[3].Descriptor()
+	return file_ferry_proto_enumTypes[5].Descriptor()
 }
 
 func (PushKind) Type() protoreflect.EnumType {
-	return &file_ferry_proto_enumTypes[3]
+	return &file_ferry_proto_enumTypes[5]
 }
 
 func (x PushKind) Number() protoreflect.EnumNumber {
@@ -332,7 +436,7 @@ func (x PushKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use PushKind.Descriptor instead.
 func (PushKind) EnumDescriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{3}
+	return file_ferry_proto_rawDescGZIP(), []int{5}
 }
 
 type GroupChange_Op int32
@@ -383,11 +487,11 @@ func (x GroupChange_Op) String() string {
 }
 
 func (GroupChange_Op) Descriptor() protoreflect.EnumDescriptor {
-	return file_ferry_proto_enumTypes[4].Descriptor()
+	return file_ferry_proto_enumTypes[6].Descriptor()
 }
 
 func (GroupChange_Op) Type() protoreflect.EnumType {
-	return &file_ferry_proto_enumTypes[4]
+	return &file_ferry_proto_enumTypes[6]
 }
 
 func (x GroupChange_Op) Number() protoreflect.EnumNumber {
@@ -431,6 +535,10 @@ type ClientFrame struct {
 	//	*ClientFrame_MarkRead
 	//	*ClientFrame_SetPush
 	//	*ClientFrame_ClearPush
+	//	*ClientFrame_GetPresence
+	//	*ClientFrame_SubscribePresence
+	//	*ClientFrame_SetPresencePrivacy
+	//	*ClientFrame_Typing
 	Body          isClientFrame_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -687,6 +795,42 @@ func (x *ClientFrame) GetClearPush() *ClearPush {
 	return nil
 }
 
+func (x *ClientFrame) GetGetPresence() *GetPresence {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_GetPresence); ok {
+			return x.GetPresence
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetSubscribePresence() *SubscribePresence {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_SubscribePresence); ok {
+			return x.SubscribePresence
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetSetPresencePrivacy() *SetPresencePrivacy {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_SetPresencePrivacy); ok {
+			return x.SetPresencePrivacy
+		}
+	}
+	return nil
+}
+
+func (x *ClientFrame) GetTyping() *Typing {
+	if x != nil {
+		if x, ok := x.Body.(*ClientFrame_Typing); ok {
+			return x.Typing
+		}
+	}
+	return nil
+}
+
 type isClientFrame_Body interface {
 	isClientFrame_Body()
 }
@@ -783,6 +927,22 @@ type ClientFrame_ClearPush struct {
 	ClearPush *ClearPush `protobuf:"bytes,31,opt,name=clear_push,json=clearPush,proto3,oneof"` // remove it
 }
 
+type ClientFrame_GetPresence struct {
+	GetPresence *GetPresence `protobuf:"bytes,35,opt,name=get_presence,json=getPresence,proto3,oneof"` // presence (issue 5)
+}
+
+type ClientFrame_SubscribePresence struct {
+	SubscribePresence *SubscribePresence `protobuf:"bytes,36,opt,name=subscribe_presence,json=subscribePresence,proto3,oneof"`
+}
+
+type ClientFrame_SetPresencePrivacy struct {
+	SetPresencePrivacy *SetPresencePrivacy `protobuf:"bytes,37,opt,name=set_presence_privacy,json=setPresencePrivacy,proto3,oneof"`
+}
+
+type ClientFrame_Typing struct {
+	Typing *Typing `protobuf:"bytes,38,opt,name=typing,proto3,oneof"`
+}
+
 func (*ClientFrame_Hello) isClientFrame_Body() {}
 
 func (*ClientFrame_Register) isClientFrame_Body() {}
@@ -828,6 +988,14 @@ func (*ClientFrame_MarkRead) isClientFrame_Body() {}
 func (*ClientFrame_SetPush) isClientFrame_Body() {}
 
 func (*ClientFrame_ClearPush) isClientFrame_Body() {}
+
+func (*ClientFrame_GetPresence) isClientFrame_Body() {}
+
+func (*ClientFrame_SubscribePresence) isClientFrame_Body() {}
+
+func (*ClientFrame_SetPresencePrivacy) isClientFrame_Body() {}
+
+func (*ClientFrame_Typing) isClientFrame_Body() {}
 
 // ServerFrame is every frame the server sends: a response or an event.
 type ServerFrame struct {
@@ -939,6 +1107,9 @@ type Response struct {
 	//	*Response_MarkRead
 	//	*Response_SetPush
 	//	*Response_ClearPush
+	//	*Response_Presence
+	//	*Response_PresencePrivacy
+	//	*Response_Typing
 	Result        isResponse_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1184,6 +1355,33 @@ func (x *Response) GetClearPush() *ClearPushResult {
 	return nil
 }
 
+func (x *Response) GetPresence() *PresenceResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Presence); ok {
+			return x.Presence
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetPresencePrivacy() *PresencePrivacy {
+	if x != nil {
+		if x, ok := x.Result.(*Response_PresencePrivacy); ok {
+			return x.PresencePrivacy
+		}
+	}
+	return nil
+}
+
+func (x *Response) GetTyping() *TypingResult {
+	if x != nil {
+		if x, ok := x.Result.(*Response_Typing); ok {
+			return x.Typing
+		}
+	}
+	return nil
+}
+
 type isResponse_Result interface {
 	isResponse_Result()
 }
@@ -1272,6 +1470,18 @@ type Response_ClearPush struct {
 	ClearPush *ClearPushResult `protobuf:"bytes,37,opt,name=clear_push,json=clearPush,proto3,oneof"`
 }
 
+type Response_Presence struct {
+	Presence *PresenceResult `protobuf:"bytes,41,opt,name=presence,proto3,oneof"` // GetPresence, SubscribePresence
+}
+
+type Response_PresencePrivacy struct {
+	PresencePrivacy *PresencePrivacy `protobuf:"bytes,42,opt,name=presence_privacy,json=presencePrivacy,proto3,oneof"` // SetPresencePrivacy
+}
+
+type Response_Typing struct {
+	Typing *TypingResult `protobuf:"bytes,43,opt,name=typing,proto3,oneof"`
+}
+
 func (*Response_Welcome) isResponse_Result() {}
 
 func (*Response_Register) isResponse_Result() {}
@@ -1314,6 +1524,12 @@ func (*Response_SetPush) isResponse_Result() {}
 
 func (*Response_ClearPush) isResponse_Result() {}
 
+func (*Response_Presence) isResponse_Result() {}
+
+func (*Response_PresencePrivacy) isResponse_Result() {}
+
+func (*Response_Typing) isResponse_Result() {}
+
 type Event struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Body:
@@ -1322,6 +1538,8 @@ type Event struct {
 	//	*Event_QueueEmpty
 	//	*Event_PrekeysLow
 	//	*Event_LinkApproved
+	//	*Event_Presence
+	//	*Event_Typing
 	Body          isEvent_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1400,6 +1618,24 @@ func (x *Event) GetLinkApproved() *LinkApproved {
 	return nil
 }
 
+func (x *Event) GetPresence() *PresenceInfo {
+	if x != nil {
+		if x, ok := x.Body.(*Event_Presence); ok {
+			return x.Presence
+		}
+	}
+	return nil
+}
+
+func (x *Event) GetTyping() *TypingEvent {
+	if x != nil {
+		if x, ok := x.Body.(*Event_Typing); ok {
+			return x.Typing
+		}
+	}
+	return nil
+}
+
 type isEvent_Body interface {
 	isEvent_Body()
 }
@@ -1420,6 +1656,14 @@ type Event_LinkApproved struct {
 	LinkApproved *LinkApproved `protobuf:"bytes,4,opt,name=link_approved,json=linkApproved,proto3,oneof"` // to a linking (not yet authenticated) connection
 }
 
+type Event_Presence struct {
+	Presence *PresenceInfo `protobuf:"bytes,15,opt,name=presence,proto3,oneof"` // a subscribed account's presence changed (best-effort)
+}
+
+type Event_Typing struct {
+	Typing *TypingEvent `protobuf:"bytes,16,opt,name=typing,proto3,oneof"` // someone is typing in a conversation of yours (best-effort)
+}
+
 func (*Event_Envelope) isEvent_Body() {}
 
 func (*Event_QueueEmpty) isEvent_Body() {}
@@ -1427,6 +1671,10 @@ func (*Event_QueueEmpty) isEvent_Body() {}
 func (*Event_PrekeysLow) isEvent_Body() {}
 
 func (*Event_LinkApproved) isEvent_Body() {}
+
+func (*Event_Presence) isEvent_Body() {}
+
+func (*Event_Typing) isEvent_Body() {}
 
 // Hello opens the connection. The server picks the highest version in
 // [min_version, max_version] that it supports or answers UNSUPPORTED_VERSION
@@ -4588,6 +4836,484 @@ func (x *GroupSend) GetContent() []byte {
 	return nil
 }
 
+type PresenceInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"`
+	State         PresenceState          `protobuf:"varint,2,opt,name=state,proto3,enum=ferry.wire.v1.PresenceState" json:"state,omitempty"`
+	LastSeenMs    int64                  `protobuf:"varint,3,opt,name=last_seen_ms,json=lastSeenMs,proto3" json:"last_seen_ms,omitempty"` // OFFLINE only: Unix milliseconds
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresenceInfo) Reset() {
+	*x = PresenceInfo{}
+	mi := &file_ferry_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresenceInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresenceInfo) ProtoMessage() {}
+
+func (x *PresenceInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresenceInfo.ProtoReflect.Descriptor instead.
+func (*PresenceInfo) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *PresenceInfo) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *PresenceInfo) GetState() PresenceState {
+	if x != nil {
+		return x.State
+	}
+	return PresenceState_PRESENCE_UNKNOWN
+}
+
+func (x *PresenceInfo) GetLastSeenMs() int64 {
+	if x != nil {
+		return x.LastSeenMs
+	}
+	return 0
+}
+
+// GetPresence answers the current presence of up to the subscription bound
+// of accounts, without subscribing.
+type GetPresence struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Usernames     []string               `protobuf:"bytes,1,rep,name=usernames,proto3" json:"usernames,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPresence) Reset() {
+	*x = GetPresence{}
+	mi := &file_ferry_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPresence) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPresence) ProtoMessage() {}
+
+func (x *GetPresence) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPresence.ProtoReflect.Descriptor instead.
+func (*GetPresence) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *GetPresence) GetUsernames() []string {
+	if x != nil {
+		return x.Usernames
+	}
+	return nil
+}
+
+// SubscribePresence replaces this connection's presence subscriptions
+// (empty: none). The result holds the current presence of each; later
+// changes come as Event.presence while the connection lasts.
+type SubscribePresence struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Usernames     []string               `protobuf:"bytes,1,rep,name=usernames,proto3" json:"usernames,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubscribePresence) Reset() {
+	*x = SubscribePresence{}
+	mi := &file_ferry_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubscribePresence) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubscribePresence) ProtoMessage() {}
+
+func (x *SubscribePresence) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubscribePresence.ProtoReflect.Descriptor instead.
+func (*SubscribePresence) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *SubscribePresence) GetUsernames() []string {
+	if x != nil {
+		return x.Usernames
+	}
+	return nil
+}
+
+type PresenceResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Presence      []*PresenceInfo        `protobuf:"bytes,1,rep,name=presence,proto3" json:"presence,omitempty"` // in request order, duplicates removed
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresenceResult) Reset() {
+	*x = PresenceResult{}
+	mi := &file_ferry_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresenceResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresenceResult) ProtoMessage() {}
+
+func (x *PresenceResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresenceResult.ProtoReflect.Descriptor instead.
+func (*PresenceResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *PresenceResult) GetPresence() []*PresenceInfo {
+	if x != nil {
+		return x.Presence
+	}
+	return nil
+}
+
+// SetPresencePrivacy sets who may see this account's presence (online and
+// last seen). Others get PRESENCE_UNKNOWN.
+type SetPresencePrivacy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Visibility    PresenceVisibility     `protobuf:"varint,1,opt,name=visibility,proto3,enum=ferry.wire.v1.PresenceVisibility" json:"visibility,omitempty"`
+	Allow         []string               `protobuf:"bytes,2,rep,name=allow,proto3" json:"allow,omitempty"` // ALLOWLIST only
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetPresencePrivacy) Reset() {
+	*x = SetPresencePrivacy{}
+	mi := &file_ferry_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetPresencePrivacy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetPresencePrivacy) ProtoMessage() {}
+
+func (x *SetPresencePrivacy) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetPresencePrivacy.ProtoReflect.Descriptor instead.
+func (*SetPresencePrivacy) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *SetPresencePrivacy) GetVisibility() PresenceVisibility {
+	if x != nil {
+		return x.Visibility
+	}
+	return PresenceVisibility_VISIBILITY_UNSPECIFIED
+}
+
+func (x *SetPresencePrivacy) GetAllow() []string {
+	if x != nil {
+		return x.Allow
+	}
+	return nil
+}
+
+type PresencePrivacy struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Visibility    PresenceVisibility     `protobuf:"varint,1,opt,name=visibility,proto3,enum=ferry.wire.v1.PresenceVisibility" json:"visibility,omitempty"`
+	Allow         []string               `protobuf:"bytes,2,rep,name=allow,proto3" json:"allow,omitempty"` // sorted
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresencePrivacy) Reset() {
+	*x = PresencePrivacy{}
+	mi := &file_ferry_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresencePrivacy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresencePrivacy) ProtoMessage() {}
+
+func (x *PresencePrivacy) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresencePrivacy.ProtoReflect.Descriptor instead.
+func (*PresencePrivacy) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *PresencePrivacy) GetVisibility() PresenceVisibility {
+	if x != nil {
+		return x.Visibility
+	}
+	return PresenceVisibility_VISIBILITY_UNSPECIFIED
+}
+
+func (x *PresencePrivacy) GetAllow() []string {
+	if x != nil {
+		return x.Allow
+	}
+	return nil
+}
+
+// Typing says this device started (typing = true) or stopped typing in a
+// 1:1 conversation (peer) or a group. It goes only to the other side's
+// devices connected at that moment and is never stored.
+type Typing struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Peer          string                 `protobuf:"bytes,1,opt,name=peer,proto3" json:"peer,omitempty"`
+	GroupId       string                 `protobuf:"bytes,2,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Typing        bool                   `protobuf:"varint,3,opt,name=typing,proto3" json:"typing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Typing) Reset() {
+	*x = Typing{}
+	mi := &file_ferry_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Typing) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Typing) ProtoMessage() {}
+
+func (x *Typing) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Typing.ProtoReflect.Descriptor instead.
+func (*Typing) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *Typing) GetPeer() string {
+	if x != nil {
+		return x.Peer
+	}
+	return ""
+}
+
+func (x *Typing) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *Typing) GetTyping() bool {
+	if x != nil {
+		return x.Typing
+	}
+	return false
+}
+
+type TypingResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TypingResult) Reset() {
+	*x = TypingResult{}
+	mi := &file_ferry_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TypingResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TypingResult) ProtoMessage() {}
+
+func (x *TypingResult) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TypingResult.ProtoReflect.Descriptor instead.
+func (*TypingResult) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{65}
+}
+
+type TypingEvent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Username      string                 `protobuf:"bytes,1,opt,name=username,proto3" json:"username,omitempty"` // who is typing
+	DeviceId      uint32                 `protobuf:"varint,2,opt,name=device_id,json=deviceId,proto3" json:"device_id,omitempty"`
+	GroupId       string                 `protobuf:"bytes,3,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"` // a group conversation; "" = the 1:1 conversation with username
+	Typing        bool                   `protobuf:"varint,4,opt,name=typing,proto3" json:"typing,omitempty"`                 // false: stopped
+	TtlMs         uint32                 `protobuf:"varint,5,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"`      // treat as stopped after this long without a refresh
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TypingEvent) Reset() {
+	*x = TypingEvent{}
+	mi := &file_ferry_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TypingEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TypingEvent) ProtoMessage() {}
+
+func (x *TypingEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_ferry_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TypingEvent.ProtoReflect.Descriptor instead.
+func (*TypingEvent) Descriptor() ([]byte, []int) {
+	return file_ferry_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *TypingEvent) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *TypingEvent) GetDeviceId() uint32 {
+	if x != nil {
+		return x.DeviceId
+	}
+	return 0
+}
+
+func (x *TypingEvent) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *TypingEvent) GetTyping() bool {
+	if x != nil {
+		return x.Typing
+	}
+	return false
+}
+
+func (x *TypingEvent) GetTtlMs() uint32 {
+	if x != nil {
+		return x.TtlMs
+	}
+	return 0
+}
+
 type Error struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Code          ErrorCode              `protobuf:"varint,1,opt,name=code,proto3,enum=ferry.wire.v1.ErrorCode" json:"code,omitempty"`
@@ -4602,7 +5328,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_ferry_proto_msgTypes[58]
+	mi := &file_ferry_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4614,7 +5340,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[58]
+	mi := &file_ferry_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4627,7 +5353,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{58}
+	return file_ferry_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *Error) GetCode() ErrorCode {
@@ -4682,7 +5408,7 @@ type DeviceRef struct {
 
 func (x *DeviceRef) Reset() {
 	*x = DeviceRef{}
-	mi := &file_ferry_proto_msgTypes[59]
+	mi := &file_ferry_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4694,7 +5420,7 @@ func (x *DeviceRef) String() string {
 func (*DeviceRef) ProtoMessage() {}
 
 func (x *DeviceRef) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[59]
+	mi := &file_ferry_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4707,7 +5433,7 @@ func (x *DeviceRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceRef.ProtoReflect.Descriptor instead.
 func (*DeviceRef) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{59}
+	return file_ferry_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *DeviceRef) GetUsername() string {
@@ -4739,7 +5465,7 @@ type DeviceMismatch struct {
 
 func (x *DeviceMismatch) Reset() {
 	*x = DeviceMismatch{}
-	mi := &file_ferry_proto_msgTypes[60]
+	mi := &file_ferry_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4751,7 +5477,7 @@ func (x *DeviceMismatch) String() string {
 func (*DeviceMismatch) ProtoMessage() {}
 
 func (x *DeviceMismatch) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[60]
+	mi := &file_ferry_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4764,7 +5490,7 @@ func (x *DeviceMismatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceMismatch.ProtoReflect.Descriptor instead.
 func (*DeviceMismatch) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{60}
+	return file_ferry_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *DeviceMismatch) GetMissing() []*DeviceRef {
@@ -4803,7 +5529,7 @@ type PushRegistration struct {
 
 func (x *PushRegistration) Reset() {
 	*x = PushRegistration{}
-	mi := &file_ferry_proto_msgTypes[61]
+	mi := &file_ferry_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4815,7 +5541,7 @@ func (x *PushRegistration) String() string {
 func (*PushRegistration) ProtoMessage() {}
 
 func (x *PushRegistration) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[61]
+	mi := &file_ferry_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4828,7 +5554,7 @@ func (x *PushRegistration) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PushRegistration.ProtoReflect.Descriptor instead.
 func (*PushRegistration) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{61}
+	return file_ferry_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *PushRegistration) GetKind() PushKind {
@@ -4876,7 +5602,7 @@ type SetPush struct {
 
 func (x *SetPush) Reset() {
 	*x = SetPush{}
-	mi := &file_ferry_proto_msgTypes[62]
+	mi := &file_ferry_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4888,7 +5614,7 @@ func (x *SetPush) String() string {
 func (*SetPush) ProtoMessage() {}
 
 func (x *SetPush) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[62]
+	mi := &file_ferry_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4901,7 +5627,7 @@ func (x *SetPush) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPush.ProtoReflect.Descriptor instead.
 func (*SetPush) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{62}
+	return file_ferry_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *SetPush) GetRegistration() *PushRegistration {
@@ -4919,7 +5645,7 @@ type SetPushResult struct {
 
 func (x *SetPushResult) Reset() {
 	*x = SetPushResult{}
-	mi := &file_ferry_proto_msgTypes[63]
+	mi := &file_ferry_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4931,7 +5657,7 @@ func (x *SetPushResult) String() string {
 func (*SetPushResult) ProtoMessage() {}
 
 func (x *SetPushResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[63]
+	mi := &file_ferry_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4944,7 +5670,7 @@ func (x *SetPushResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPushResult.ProtoReflect.Descriptor instead.
 func (*SetPushResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{63}
+	return file_ferry_proto_rawDescGZIP(), []int{72}
 }
 
 // ClearPush removes the device's push target (no error if there is none).
@@ -4956,7 +5682,7 @@ type ClearPush struct {
 
 func (x *ClearPush) Reset() {
 	*x = ClearPush{}
-	mi := &file_ferry_proto_msgTypes[64]
+	mi := &file_ferry_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4968,7 +5694,7 @@ func (x *ClearPush) String() string {
 func (*ClearPush) ProtoMessage() {}
 
 func (x *ClearPush) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[64]
+	mi := &file_ferry_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4981,7 +5707,7 @@ func (x *ClearPush) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClearPush.ProtoReflect.Descriptor instead.
 func (*ClearPush) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{64}
+	return file_ferry_proto_rawDescGZIP(), []int{73}
 }
 
 type ClearPushResult struct {
@@ -4992,7 +5718,7 @@ type ClearPushResult struct {
 
 func (x *ClearPushResult) Reset() {
 	*x = ClearPushResult{}
-	mi := &file_ferry_proto_msgTypes[65]
+	mi := &file_ferry_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5004,7 +5730,7 @@ func (x *ClearPushResult) String() string {
 func (*ClearPushResult) ProtoMessage() {}
 
 func (x *ClearPushResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[65]
+	mi := &file_ferry_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5017,7 +5743,7 @@ func (x *ClearPushResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClearPushResult.ProtoReflect.Descriptor instead.
 func (*ClearPushResult) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{65}
+	return file_ferry_proto_rawDescGZIP(), []int{74}
 }
 
 // Content is what clients encrypt; the server never sees it. Before
@@ -5037,7 +5763,7 @@ type Content struct {
 
 func (x *Content) Reset() {
 	*x = Content{}
-	mi := &file_ferry_proto_msgTypes[66]
+	mi := &file_ferry_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5049,7 +5775,7 @@ func (x *Content) String() string {
 func (*Content) ProtoMessage() {}
 
 func (x *Content) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[66]
+	mi := &file_ferry_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5062,7 +5788,7 @@ func (x *Content) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Content.ProtoReflect.Descriptor instead.
 func (*Content) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{66}
+	return file_ferry_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *Content) GetText() string {
@@ -5111,7 +5837,7 @@ type SenderKeyDistribution struct {
 
 func (x *SenderKeyDistribution) Reset() {
 	*x = SenderKeyDistribution{}
-	mi := &file_ferry_proto_msgTypes[67]
+	mi := &file_ferry_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5123,7 +5849,7 @@ func (x *SenderKeyDistribution) String() string {
 func (*SenderKeyDistribution) ProtoMessage() {}
 
 func (x *SenderKeyDistribution) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[67]
+	mi := &file_ferry_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5136,7 +5862,7 @@ func (x *SenderKeyDistribution) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SenderKeyDistribution.ProtoReflect.Descriptor instead.
 func (*SenderKeyDistribution) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{67}
+	return file_ferry_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *SenderKeyDistribution) GetGroupId() string {
@@ -5164,7 +5890,7 @@ type HistoryChunk struct {
 
 func (x *HistoryChunk) Reset() {
 	*x = HistoryChunk{}
-	mi := &file_ferry_proto_msgTypes[68]
+	mi := &file_ferry_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5176,7 +5902,7 @@ func (x *HistoryChunk) String() string {
 func (*HistoryChunk) ProtoMessage() {}
 
 func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[68]
+	mi := &file_ferry_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5189,7 +5915,7 @@ func (x *HistoryChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryChunk.ProtoReflect.Descriptor instead.
 func (*HistoryChunk) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{68}
+	return file_ferry_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *HistoryChunk) GetMessages() []*HistoryMessage {
@@ -5224,7 +5950,7 @@ type HistoryMessage struct {
 
 func (x *HistoryMessage) Reset() {
 	*x = HistoryMessage{}
-	mi := &file_ferry_proto_msgTypes[69]
+	mi := &file_ferry_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5236,7 +5962,7 @@ func (x *HistoryMessage) String() string {
 func (*HistoryMessage) ProtoMessage() {}
 
 func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_ferry_proto_msgTypes[69]
+	mi := &file_ferry_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5249,7 +5975,7 @@ func (x *HistoryMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryMessage.ProtoReflect.Descriptor instead.
 func (*HistoryMessage) Descriptor() ([]byte, []int) {
-	return file_ferry_proto_rawDescGZIP(), []int{69}
+	return file_ferry_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *HistoryMessage) GetPeer() string {
@@ -5326,8 +6052,7 @@ var File_ferry_proto protoreflect.FileDescriptor
 
 const file_ferry_proto_rawDesc = "" +
 	"\n" +
-	"\vferry.proto\x12\rferry.wire.v1\"\xf6\n" +
-	"\n" +
+	"\vferry.proto\x12\rferry.wire.v1\"\x92\r\n" +
 	"\vClientFrame\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x05hello\x18\x02 \x01(\v2\x14.ferry.wire.v1.HelloH\x00R\x05hello\x125\n" +
@@ -5359,12 +6084,16 @@ const file_ferry_proto_rawDesc = "" +
 	"\tmark_read\x18\x16 \x01(\v2\x17.ferry.wire.v1.MarkReadH\x00R\bmarkRead\x123\n" +
 	"\bset_push\x18\x1e \x01(\v2\x16.ferry.wire.v1.SetPushH\x00R\asetPush\x129\n" +
 	"\n" +
-	"clear_push\x18\x1f \x01(\v2\x18.ferry.wire.v1.ClearPushH\x00R\tclearPushB\x06\n" +
+	"clear_push\x18\x1f \x01(\v2\x18.ferry.wire.v1.ClearPushH\x00R\tclearPush\x12?\n" +
+	"\fget_presence\x18# \x01(\v2\x1a.ferry.wire.v1.GetPresenceH\x00R\vgetPresence\x12Q\n" +
+	"\x12subscribe_presence\x18$ \x01(\v2 .ferry.wire.v1.SubscribePresenceH\x00R\x11subscribePresence\x12U\n" +
+	"\x14set_presence_privacy\x18% \x01(\v2!.ferry.wire.v1.SetPresencePrivacyH\x00R\x12setPresencePrivacy\x12/\n" +
+	"\x06typing\x18& \x01(\v2\x15.ferry.wire.v1.TypingH\x00R\x06typingB\x06\n" +
 	"\x04body\"z\n" +
 	"\vServerFrame\x125\n" +
 	"\bresponse\x18\x01 \x01(\v2\x17.ferry.wire.v1.ResponseH\x00R\bresponse\x12,\n" +
 	"\x05event\x18\x02 \x01(\v2\x14.ferry.wire.v1.EventH\x00R\x05eventB\x06\n" +
-	"\x04body\"\x84\v\n" +
+	"\x04body\"\xc5\f\n" +
 	"\bResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12*\n" +
 	"\x05error\x18\x02 \x01(\v2\x14.ferry.wire.v1.ErrorR\x05error\x122\n" +
@@ -5395,15 +6124,20 @@ const file_ferry_proto_rawDesc = "" +
 	"\tmark_read\x18\x1c \x01(\v2\x1d.ferry.wire.v1.MarkReadResultH\x00R\bmarkRead\x129\n" +
 	"\bset_push\x18$ \x01(\v2\x1c.ferry.wire.v1.SetPushResultH\x00R\asetPush\x12?\n" +
 	"\n" +
-	"clear_push\x18% \x01(\v2\x1e.ferry.wire.v1.ClearPushResultH\x00R\tclearPushB\b\n" +
-	"\x06result\"\x86\x02\n" +
+	"clear_push\x18% \x01(\v2\x1e.ferry.wire.v1.ClearPushResultH\x00R\tclearPush\x12;\n" +
+	"\bpresence\x18) \x01(\v2\x1d.ferry.wire.v1.PresenceResultH\x00R\bpresence\x12K\n" +
+	"\x10presence_privacy\x18* \x01(\v2\x1e.ferry.wire.v1.PresencePrivacyH\x00R\x0fpresencePrivacy\x125\n" +
+	"\x06typing\x18+ \x01(\v2\x1b.ferry.wire.v1.TypingResultH\x00R\x06typingB\b\n" +
+	"\x06result\"\xf7\x02\n" +
 	"\x05Event\x125\n" +
 	"\benvelope\x18\x01 \x01(\v2\x17.ferry.wire.v1.EnvelopeH\x00R\benvelope\x12<\n" +
 	"\vqueue_empty\x18\x02 \x01(\v2\x19.ferry.wire.v1.QueueEmptyH\x00R\n" +
 	"queueEmpty\x12<\n" +
 	"\vprekeys_low\x18\x03 \x01(\v2\x19.ferry.wire.v1.PrekeysLowH\x00R\n" +
 	"prekeysLow\x12B\n" +
-	"\rlink_approved\x18\x04 \x01(\v2\x1b.ferry.wire.v1.LinkApprovedH\x00R\flinkApprovedB\x06\n" +
+	"\rlink_approved\x18\x04 \x01(\v2\x1b.ferry.wire.v1.LinkApprovedH\x00R\flinkApproved\x129\n" +
+	"\bpresence\x18\x0f \x01(\v2\x1b.ferry.wire.v1.PresenceInfoH\x00R\bpresence\x124\n" +
+	"\x06typing\x18\x10 \x01(\v2\x1a.ferry.wire.v1.TypingEventH\x00R\x06typingB\x06\n" +
 	"\x04body\"a\n" +
 	"\x05Hello\x12\x1f\n" +
 	"\vmin_version\x18\x01 \x01(\rR\n" +
@@ -5634,7 +6368,39 @@ const file_ferry_proto_rawDesc = "" +
 	"\x12membership_version\x18\x03 \x01(\x04R\x11membershipVersion\x12\x1b\n" +
 	"\tview_hash\x18\x04 \x01(\fR\bviewHash\x12/\n" +
 	"\x04type\x18\x05 \x01(\x0e2\x1b.ferry.wire.v1.EnvelopeTypeR\x04type\x12\x18\n" +
-	"\acontent\x18\x06 \x01(\fR\acontent\"\xfe\x01\n" +
+	"\acontent\x18\x06 \x01(\fR\acontent\"\x80\x01\n" +
+	"\fPresenceInfo\x12\x1a\n" +
+	"\busername\x18\x01 \x01(\tR\busername\x122\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x1c.ferry.wire.v1.PresenceStateR\x05state\x12 \n" +
+	"\flast_seen_ms\x18\x03 \x01(\x03R\n" +
+	"lastSeenMs\"+\n" +
+	"\vGetPresence\x12\x1c\n" +
+	"\tusernames\x18\x01 \x03(\tR\tusernames\"1\n" +
+	"\x11SubscribePresence\x12\x1c\n" +
+	"\tusernames\x18\x01 \x03(\tR\tusernames\"I\n" +
+	"\x0ePresenceResult\x127\n" +
+	"\bpresence\x18\x01 \x03(\v2\x1b.ferry.wire.v1.PresenceInfoR\bpresence\"m\n" +
+	"\x12SetPresencePrivacy\x12A\n" +
+	"\n" +
+	"visibility\x18\x01 \x01(\x0e2!.ferry.wire.v1.PresenceVisibilityR\n" +
+	"visibility\x12\x14\n" +
+	"\x05allow\x18\x02 \x03(\tR\x05allow\"j\n" +
+	"\x0fPresencePrivacy\x12A\n" +
+	"\n" +
+	"visibility\x18\x01 \x01(\x0e2!.ferry.wire.v1.PresenceVisibilityR\n" +
+	"visibility\x12\x14\n" +
+	"\x05allow\x18\x02 \x03(\tR\x05allow\"O\n" +
+	"\x06Typing\x12\x12\n" +
+	"\x04peer\x18\x01 \x01(\tR\x04peer\x12\x19\n" +
+	"\bgroup_id\x18\x02 \x01(\tR\agroupId\x12\x16\n" +
+	"\x06typing\x18\x03 \x01(\bR\x06typing\"\x0e\n" +
+	"\fTypingResult\"\x90\x01\n" +
+	"\vTypingEvent\x12\x1a\n" +
+	"\busername\x18\x01 \x01(\tR\busername\x12\x1b\n" +
+	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\x12\x19\n" +
+	"\bgroup_id\x18\x03 \x01(\tR\agroupId\x12\x16\n" +
+	"\x06typing\x18\x04 \x01(\bR\x06typing\x12\x15\n" +
+	"\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\"\xfe\x01\n" +
 	"\x05Error\x12,\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x18.ferry.wire.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
@@ -5698,7 +6464,18 @@ const file_ferry_proto_rawDesc = "" +
 	"\vReceiptKind\x12\x1c\n" +
 	"\x18RECEIPT_KIND_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tDELIVERED\x10\x01\x12\b\n" +
-	"\x04READ\x10\x02*\x9e\x05\n" +
+	"\x04READ\x10\x02*>\n" +
+	"\rPresenceState\x12\x14\n" +
+	"\x10PRESENCE_UNKNOWN\x10\x00\x12\n" +
+	"\n" +
+	"\x06ONLINE\x10\x01\x12\v\n" +
+	"\aOFFLINE\x10\x02*Y\n" +
+	"\x12PresenceVisibility\x12\x1a\n" +
+	"\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\f\n" +
+	"\bEVERYONE\x10\x01\x12\n" +
+	"\n" +
+	"\x06NOBODY\x10\x02\x12\r\n" +
+	"\tALLOWLIST\x10\x03*\xba\x05\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vBAD_REQUEST\x10\x01\x12\x17\n" +
@@ -5735,7 +6512,8 @@ const file_ferry_proto_rawDesc = "" +
 	"\n" +
 	"GROUP_FULL\x10\x1e\x12\x14\n" +
 	"\x10PUSH_UNSUPPORTED\x10#\x12\x10\n" +
-	"\fPUSH_INVALID\x10$*V\n" +
+	"\fPUSH_INVALID\x10$\x12\x1a\n" +
+	"\x16TOO_MANY_SUBSCRIPTIONS\x10(*V\n" +
 	"\bPushKind\x12\x19\n" +
 	"\x15PUSH_KIND_UNSPECIFIED\x10\x00\x12\b\n" +
 	"\x04APNS\x10\x01\x12\a\n" +
@@ -5755,174 +6533,198 @@ func file_ferry_proto_rawDescGZIP() []byte {
 	return file_ferry_proto_rawDescData
 }
 
-var file_ferry_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 70)
+var file_ferry_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_ferry_proto_msgTypes = make([]protoimpl.MessageInfo, 79)
 var file_ferry_proto_goTypes = []any{
 	(EnvelopeType)(0),               // 0: ferry.wire.v1.EnvelopeType
 	(ReceiptKind)(0),                // 1: ferry.wire.v1.ReceiptKind
-	(ErrorCode)(0),                  // 2: ferry.wire.v1.ErrorCode
-	(PushKind)(0),                   // 3: ferry.wire.v1.PushKind
-	(GroupChange_Op)(0),             // 4: ferry.wire.v1.GroupChange.Op
-	(*ClientFrame)(nil),             // 5: ferry.wire.v1.ClientFrame
-	(*ServerFrame)(nil),             // 6: ferry.wire.v1.ServerFrame
-	(*Response)(nil),                // 7: ferry.wire.v1.Response
-	(*Event)(nil),                   // 8: ferry.wire.v1.Event
-	(*Hello)(nil),                   // 9: ferry.wire.v1.Hello
-	(*Welcome)(nil),                 // 10: ferry.wire.v1.Welcome
-	(*Limits)(nil),                  // 11: ferry.wire.v1.Limits
-	(*Register)(nil),                // 12: ferry.wire.v1.Register
-	(*RegisterResult)(nil),          // 13: ferry.wire.v1.RegisterResult
-	(*Auth)(nil),                    // 14: ferry.wire.v1.Auth
-	(*AuthResult)(nil),              // 15: ferry.wire.v1.AuthResult
-	(*PreKey)(nil),                  // 16: ferry.wire.v1.PreKey
-	(*SignedPreKey)(nil),            // 17: ferry.wire.v1.SignedPreKey
-	(*UploadKeys)(nil),              // 18: ferry.wire.v1.UploadKeys
-	(*UploadKeysResult)(nil),        // 19: ferry.wire.v1.UploadKeysResult
-	(*KeyStatus)(nil),               // 20: ferry.wire.v1.KeyStatus
-	(*KeyStatusResult)(nil),         // 21: ferry.wire.v1.KeyStatusResult
-	(*ClaimBundles)(nil),            // 22: ferry.wire.v1.ClaimBundles
-	(*PreKeyBundle)(nil),            // 23: ferry.wire.v1.PreKeyBundle
-	(*ClaimBundlesResult)(nil),      // 24: ferry.wire.v1.ClaimBundlesResult
-	(*DeviceCiphertext)(nil),        // 25: ferry.wire.v1.DeviceCiphertext
-	(*Send)(nil),                    // 26: ferry.wire.v1.Send
-	(*SendResult)(nil),              // 27: ferry.wire.v1.SendResult
-	(*Ack)(nil),                     // 28: ferry.wire.v1.Ack
-	(*AckResult)(nil),               // 29: ferry.wire.v1.AckResult
-	(*Envelope)(nil),                // 30: ferry.wire.v1.Envelope
-	(*Receipt)(nil),                 // 31: ferry.wire.v1.Receipt
-	(*MarkRead)(nil),                // 32: ferry.wire.v1.MarkRead
-	(*MarkReadResult)(nil),          // 33: ferry.wire.v1.MarkReadResult
-	(*QueueEmpty)(nil),              // 34: ferry.wire.v1.QueueEmpty
-	(*PrekeysLow)(nil),              // 35: ferry.wire.v1.PrekeysLow
-	(*DeviceList)(nil),              // 36: ferry.wire.v1.DeviceList
-	(*DeviceListEntry)(nil),         // 37: ferry.wire.v1.DeviceListEntry
-	(*SignedDeviceList)(nil),        // 38: ferry.wire.v1.SignedDeviceList
-	(*PublishDeviceList)(nil),       // 39: ferry.wire.v1.PublishDeviceList
-	(*PublishDeviceListResult)(nil), // 40: ferry.wire.v1.PublishDeviceListResult
-	(*GetDeviceList)(nil),           // 41: ferry.wire.v1.GetDeviceList
-	(*GetDeviceListResult)(nil),     // 42: ferry.wire.v1.GetDeviceListResult
-	(*LinkStart)(nil),               // 43: ferry.wire.v1.LinkStart
-	(*LinkStartResult)(nil),         // 44: ferry.wire.v1.LinkStartResult
-	(*GetLink)(nil),                 // 45: ferry.wire.v1.GetLink
-	(*GetLinkResult)(nil),           // 46: ferry.wire.v1.GetLinkResult
-	(*ApproveLink)(nil),             // 47: ferry.wire.v1.ApproveLink
-	(*ApproveLinkResult)(nil),       // 48: ferry.wire.v1.ApproveLinkResult
-	(*LinkApproved)(nil),            // 49: ferry.wire.v1.LinkApproved
-	(*LinkMaterial)(nil),            // 50: ferry.wire.v1.LinkMaterial
-	(*RemoveDevice)(nil),            // 51: ferry.wire.v1.RemoveDevice
-	(*RemoveDeviceResult)(nil),      // 52: ferry.wire.v1.RemoveDeviceResult
-	(*SyncToDevice)(nil),            // 53: ferry.wire.v1.SyncToDevice
-	(*GroupInfo)(nil),               // 54: ferry.wire.v1.GroupInfo
-	(*GroupMember)(nil),             // 55: ferry.wire.v1.GroupMember
-	(*GroupDevice)(nil),             // 56: ferry.wire.v1.GroupDevice
-	(*GroupCreate)(nil),             // 57: ferry.wire.v1.GroupCreate
-	(*GroupChange)(nil),             // 58: ferry.wire.v1.GroupChange
-	(*GetGroup)(nil),                // 59: ferry.wire.v1.GetGroup
-	(*ListGroups)(nil),              // 60: ferry.wire.v1.ListGroups
-	(*ListGroupsResult)(nil),        // 61: ferry.wire.v1.ListGroupsResult
-	(*GroupSend)(nil),               // 62: ferry.wire.v1.GroupSend
-	(*Error)(nil),                   // 63: ferry.wire.v1.Error
-	(*DeviceRef)(nil),               // 64: ferry.wire.v1.DeviceRef
-	(*DeviceMismatch)(nil),          // 65: ferry.wire.v1.DeviceMismatch
-	(*PushRegistration)(nil),        // 66: ferry.wire.v1.PushRegistration
-	(*SetPush)(nil),                 // 67: ferry.wire.v1.SetPush
-	(*SetPushResult)(nil),           // 68: ferry.wire.v1.SetPushResult
-	(*ClearPush)(nil),               // 69: ferry.wire.v1.ClearPush
-	(*ClearPushResult)(nil),         // 70: ferry.wire.v1.ClearPushResult
-	(*Content)(nil),                 // 71: ferry.wire.v1.Content
-	(*SenderKeyDistribution)(nil),   // 72: ferry.wire.v1.SenderKeyDistribution
-	(*HistoryChunk)(nil),            // 73: ferry.wire.v1.HistoryChunk
-	(*HistoryMessage)(nil),          // 74: ferry.wire.v1.HistoryMessage
+	(PresenceState)(0),              // 2: ferry.wire.v1.PresenceState
+	(PresenceVisibility)(0),         // 3: ferry.wire.v1.PresenceVisibility
+	(ErrorCode)(0),                  // 4: ferry.wire.v1.ErrorCode
+	(PushKind)(0),                   // 5: ferry.wire.v1.PushKind
+	(GroupChange_Op)(0),             // 6: ferry.wire.v1.GroupChange.Op
+	(*ClientFrame)(nil),             // 7: ferry.wire.v1.ClientFrame
+	(*ServerFrame)(nil),             // 8: ferry.wire.v1.ServerFrame
+	(*Response)(nil),                // 9: ferry.wire.v1.Response
+	(*Event)(nil),                   // 10: ferry.wire.v1.Event
+	(*Hello)(nil),                   // 11: ferry.wire.v1.Hello
+	(*Welcome)(nil),                 // 12: ferry.wire.v1.Welcome
+	(*Limits)(nil),                  // 13: ferry.wire.v1.Limits
+	(*Register)(nil),                // 14: ferry.wire.v1.Register
+	(*RegisterResult)(nil),          // 15: ferry.wire.v1.RegisterResult
+	(*Auth)(nil),                    // 16: ferry.wire.v1.Auth
+	(*AuthResult)(nil),              // 17: ferry.wire.v1.AuthResult
+	(*PreKey)(nil),                  // 18: ferry.wire.v1.PreKey
+	(*SignedPreKey)(nil),            // 19: ferry.wire.v1.SignedPreKey
+	(*UploadKeys)(nil),              // 20: ferry.wire.v1.UploadKeys
+	(*UploadKeysResult)(nil),        // 21: ferry.wire.v1.UploadKeysResult
+	(*KeyStatus)(nil),               // 22: ferry.wire.v1.KeyStatus
+	(*KeyStatusResult)(nil),         // 23: ferry.wire.v1.KeyStatusResult
+	(*ClaimBundles)(nil),            // 24: ferry.wire.v1.ClaimBundles
+	(*PreKeyBundle)(nil),            // 25: ferry.wire.v1.PreKeyBundle
+	(*ClaimBundlesResult)(nil),      // 26: ferry.wire.v1.ClaimBundlesResult
+	(*DeviceCiphertext)(nil),        // 27: ferry.wire.v1.DeviceCiphertext
+	(*Send)(nil),                    // 28: ferry.wire.v1.Send
+	(*SendResult)(nil),              // 29: ferry.wire.v1.SendResult
+	(*Ack)(nil),                     // 30: ferry.wire.v1.Ack
+	(*AckResult)(nil),               // 31: ferry.wire.v1.AckResult
+	(*Envelope)(nil),                // 32: ferry.wire.v1.Envelope
+	(*Receipt)(nil),                 // 33: ferry.wire.v1.Receipt
+	(*MarkRead)(nil),                // 34: ferry.wire.v1.MarkRead
+	(*MarkReadResult)(nil),          // 35: ferry.wire.v1.MarkReadResult
+	(*QueueEmpty)(nil),              // 36: ferry.wire.v1.QueueEmpty
+	(*PrekeysLow)(nil),              // 37: ferry.wire.v1.PrekeysLow
+	(*DeviceList)(nil),              // 38: ferry.wire.v1.DeviceList
+	(*DeviceListEntry)(nil),         // 39: ferry.wire.v1.DeviceListEntry
+	(*SignedDeviceList)(nil),        // 40: ferry.wire.v1.SignedDeviceList
+	(*PublishDeviceList)(nil),       // 41: ferry.wire.v1.PublishDeviceList
+	(*PublishDeviceListResult)(nil), // 42: ferry.wire.v1.PublishDeviceListResult
+	(*GetDeviceList)(nil),           // 43: ferry.wire.v1.GetDeviceList
+	(*GetDeviceListResult)(nil),     // 44: ferry.wire.v1.GetDeviceListResult
+	(*LinkStart)(nil),               // 45: ferry.wire.v1.LinkStart
+	(*LinkStartResult)(nil),         // 46: ferry.wire.v1.LinkStartResult
+	(*GetLink)(nil),                 // 47: ferry.wire.v1.GetLink
+	(*GetLinkResult)(nil),           // 48: ferry.wire.v1.GetLinkResult
+	(*ApproveLink)(nil),             // 49: ferry.wire.v1.ApproveLink
+	(*ApproveLinkResult)(nil),       // 50: ferry.wire.v1.ApproveLinkResult
+	(*LinkApproved)(nil),            // 51: ferry.wire.v1.LinkApproved
+	(*LinkMaterial)(nil),            // 52: ferry.wire.v1.LinkMaterial
+	(*RemoveDevice)(nil),            // 53: ferry.wire.v1.RemoveDevice
+	(*RemoveDeviceResult)(nil),      // 54: ferry.wire.v1.RemoveDeviceResult
+	(*SyncToDevice)(nil),            // 55: ferry.wire.v1.SyncToDevice
+	(*GroupInfo)(nil),               // 56: ferry.wire.v1.GroupInfo
+	(*GroupMember)(nil),             // 57: ferry.wire.v1.GroupMember
+	(*GroupDevice)(nil),             // 58: ferry.wire.v1.GroupDevice
+	(*GroupCreate)(nil),             // 59: ferry.wire.v1.GroupCreate
+	(*GroupChange)(nil),             // 60: ferry.wire.v1.GroupChange
+	(*GetGroup)(nil),                // 61: ferry.wire.v1.GetGroup
+	(*ListGroups)(nil),              // 62: ferry.wire.v1.ListGroups
+	(*ListGroupsResult)(nil),        // 63: ferry.wire.v1.ListGroupsResult
+	(*GroupSend)(nil),               // 64: ferry.wire.v1.GroupSend
+	(*PresenceInfo)(nil),            // 65: ferry.wire.v1.PresenceInfo
+	(*GetPresence)(nil),             // 66: ferry.wire.v1.GetPresence
+	(*SubscribePresence)(nil),       // 67: ferry.wire.v1.SubscribePresence
+	(*PresenceResult)(nil),          // 68: ferry.wire.v1.PresenceResult
+	(*SetPresencePrivacy)(nil),      // 69: ferry.wire.v1.SetPresencePrivacy
+	(*PresencePrivacy)(nil),         // 70: ferry.wire.v1.PresencePrivacy
+	(*Typing)(nil),                  // 71: ferry.wire.v1.Typing
+	(*TypingResult)(nil),            // 72: ferry.wire.v1.TypingResult
+	(*TypingEvent)(nil),             // 73: ferry.wire.v1.TypingEvent
+	(*Error)(nil),                   // 74: ferry.wire.v1.Error
+	(*DeviceRef)(nil),               // 75: ferry.wire.v1.DeviceRef
+	(*DeviceMismatch)(nil),          // 76: ferry.wire.v1.DeviceMismatch
+	(*PushRegistration)(nil),        // 77: ferry.wire.v1.PushRegistration
+	(*SetPush)(nil),                 // 78: ferry.wire.v1.SetPush
+	(*SetPushResult)(nil),           // 79: ferry.wire.v1.SetPushResult
+	(*ClearPush)(nil),               // 80: ferry.wire.v1.ClearPush
+	(*ClearPushResult)(nil),         // 81: ferry.wire.v1.ClearPushResult
+	(*Content)(nil),                 // 82: ferry.wire.v1.Content
+	(*SenderKeyDistribution)(nil),   // 83: ferry.wire.v1.SenderKeyDistribution
+	(*HistoryChunk)(nil),            // 84: ferry.wire.v1.HistoryChunk
+	(*HistoryMessage)(nil),          // 85: ferry.wire.v1.HistoryMessage
 }
 var file_ferry_proto_depIdxs = []int32{
-	9,  // 0: ferry.wire.v1.ClientFrame.hello:type_name -> ferry.wire.v1.Hello
-	12, // 1: ferry.wire.v1.ClientFrame.register:type_name -> ferry.wire.v1.Register
-	14, // 2: ferry.wire.v1.ClientFrame.auth:type_name -> ferry.wire.v1.Auth
-	18, // 3: ferry.wire.v1.ClientFrame.upload_keys:type_name -> ferry.wire.v1.UploadKeys
-	22, // 4: ferry.wire.v1.ClientFrame.claim_bundles:type_name -> ferry.wire.v1.ClaimBundles
-	26, // 5: ferry.wire.v1.ClientFrame.send:type_name -> ferry.wire.v1.Send
-	28, // 6: ferry.wire.v1.ClientFrame.ack:type_name -> ferry.wire.v1.Ack
-	20, // 7: ferry.wire.v1.ClientFrame.key_status:type_name -> ferry.wire.v1.KeyStatus
-	39, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
-	41, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
-	43, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
-	45, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
-	47, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
-	51, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
-	53, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
-	57, // 15: ferry.wire.v1.ClientFrame.group_create:type_name -> ferry.wire.v1.GroupCreate
-	58, // 16: ferry.wire.v1.ClientFrame.group_change:type_name -> ferry.wire.v1.GroupChange
-	59, // 17: ferry.wire.v1.ClientFrame.get_group:type_name -> ferry.wire.v1.GetGroup
-	60, // 18: ferry.wire.v1.ClientFrame.list_groups:type_name -> ferry.wire.v1.ListGroups
-	62, // 19: ferry.wire.v1.ClientFrame.group_send:type_name -> ferry.wire.v1.GroupSend
-	32, // 20: ferry.wire.v1.ClientFrame.mark_read:type_name -> ferry.wire.v1.MarkRead
-	67, // 21: ferry.wire.v1.ClientFrame.set_push:type_name -> ferry.wire.v1.SetPush
-	69, // 22: ferry.wire.v1.ClientFrame.clear_push:type_name -> ferry.wire.v1.ClearPush
-	7,  // 23: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
-	8,  // 24: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
-	63, // 25: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
-	10, // 26: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
-	13, // 27: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
-	15, // 28: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
-	19, // 29: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
-	24, // 30: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
-	27, // 31: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
-	29, // 32: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
-	21, // 33: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
-	40, // 34: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
-	42, // 35: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
-	44, // 36: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
-	46, // 37: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
-	48, // 38: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
-	52, // 39: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
-	27, // 40: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
-	54, // 41: ferry.wire.v1.Response.group:type_name -> ferry.wire.v1.GroupInfo
-	61, // 42: ferry.wire.v1.Response.list_groups:type_name -> ferry.wire.v1.ListGroupsResult
-	27, // 43: ferry.wire.v1.Response.group_send:type_name -> ferry.wire.v1.SendResult
-	33, // 44: ferry.wire.v1.Response.mark_read:type_name -> ferry.wire.v1.MarkReadResult
-	68, // 45: ferry.wire.v1.Response.set_push:type_name -> ferry.wire.v1.SetPushResult
-	70, // 46: ferry.wire.v1.Response.clear_push:type_name -> ferry.wire.v1.ClearPushResult
-	30, // 47: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
-	34, // 48: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
-	35, // 49: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
-	49, // 50: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
-	11, // 51: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
-	17, // 52: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	16, // 53: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
-	17, // 54: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
-	16, // 55: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
-	23, // 56: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
-	0,  // 57: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
-	25, // 58: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
-	0,  // 59: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
-	31, // 60: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
-	54, // 61: ferry.wire.v1.Envelope.group:type_name -> ferry.wire.v1.GroupInfo
-	1,  // 62: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
-	37, // 63: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
-	38, // 64: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
-	38, // 65: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
-	0,  // 66: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
-	55, // 67: ferry.wire.v1.GroupInfo.members:type_name -> ferry.wire.v1.GroupMember
-	56, // 68: ferry.wire.v1.GroupMember.devices:type_name -> ferry.wire.v1.GroupDevice
-	4,  // 69: ferry.wire.v1.GroupChange.op:type_name -> ferry.wire.v1.GroupChange.Op
-	54, // 70: ferry.wire.v1.ListGroupsResult.groups:type_name -> ferry.wire.v1.GroupInfo
-	0,  // 71: ferry.wire.v1.GroupSend.type:type_name -> ferry.wire.v1.EnvelopeType
-	2,  // 72: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
-	65, // 73: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
-	54, // 74: ferry.wire.v1.Error.group:type_name -> ferry.wire.v1.GroupInfo
-	64, // 75: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
-	64, // 76: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
-	64, // 77: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
-	3,  // 78: ferry.wire.v1.PushRegistration.kind:type_name -> ferry.wire.v1.PushKind
-	66, // 79: ferry.wire.v1.SetPush.registration:type_name -> ferry.wire.v1.PushRegistration
-	73, // 80: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
-	72, // 81: ferry.wire.v1.Content.sender_key:type_name -> ferry.wire.v1.SenderKeyDistribution
-	74, // 82: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
-	83, // [83:83] is the sub-list for method output_type
-	83, // [83:83] is the sub-list for method input_type
-	83, // [83:83] is the sub-list for extension type_name
-	83, // [83:83] is the sub-list for extension extendee
-	0,  // [0:83] is the sub-list for field type_name
+	11, // 0: ferry.wire.v1.ClientFrame.hello:type_name -> ferry.wire.v1.Hello
+	14, // 1: ferry.wire.v1.ClientFrame.register:type_name -> ferry.wire.v1.Register
+	16, // 2: ferry.wire.v1.ClientFrame.auth:type_name -> ferry.wire.v1.Auth
+	20, // 3: ferry.wire.v1.ClientFrame.upload_keys:type_name -> ferry.wire.v1.UploadKeys
+	24, // 4: ferry.wire.v1.ClientFrame.claim_bundles:type_name -> ferry.wire.v1.ClaimBundles
+	28, // 5: ferry.wire.v1.ClientFrame.send:type_name -> ferry.wire.v1.Send
+	30, // 6: ferry.wire.v1.ClientFrame.ack:type_name -> ferry.wire.v1.Ack
+	22, // 7: ferry.wire.v1.ClientFrame.key_status:type_name -> ferry.wire.v1.KeyStatus
+	41, // 8: ferry.wire.v1.ClientFrame.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceList
+	43, // 9: ferry.wire.v1.ClientFrame.get_device_list:type_name -> ferry.wire.v1.GetDeviceList
+	45, // 10: ferry.wire.v1.ClientFrame.link_start:type_name -> ferry.wire.v1.LinkStart
+	47, // 11: ferry.wire.v1.ClientFrame.get_link:type_name -> ferry.wire.v1.GetLink
+	49, // 12: ferry.wire.v1.ClientFrame.approve_link:type_name -> ferry.wire.v1.ApproveLink
+	53, // 13: ferry.wire.v1.ClientFrame.remove_device:type_name -> ferry.wire.v1.RemoveDevice
+	55, // 14: ferry.wire.v1.ClientFrame.sync_to_device:type_name -> ferry.wire.v1.SyncToDevice
+	59, // 15: ferry.wire.v1.ClientFrame.group_create:type_name -> ferry.wire.v1.GroupCreate
+	60, // 16: ferry.wire.v1.ClientFrame.group_change:type_name -> ferry.wire.v1.GroupChange
+	61, // 17: ferry.wire.v1.ClientFrame.get_group:type_name -> ferry.wire.v1.GetGroup
+	62, // 18: ferry.wire.v1.ClientFrame.list_groups:type_name -> ferry.wire.v1.ListGroups
+	64, // 19: ferry.wire.v1.ClientFrame.group_send:type_name -> ferry.wire.v1.GroupSend
+	34, // 20: ferry.wire.v1.ClientFrame.mark_read:type_name -> ferry.wire.v1.MarkRead
+	78, // 21: ferry.wire.v1.ClientFrame.set_push:type_name -> ferry.wire.v1.SetPush
+	80, // 22: ferry.wire.v1.ClientFrame.clear_push:type_name -> ferry.wire.v1.ClearPush
+	66, // 23: ferry.wire.v1.ClientFrame.get_presence:type_name -> ferry.wire.v1.GetPresence
+	67, // 24: ferry.wire.v1.ClientFrame.subscribe_presence:type_name -> ferry.wire.v1.SubscribePresence
+	69, // 25: ferry.wire.v1.ClientFrame.set_presence_privacy:type_name -> ferry.wire.v1.SetPresencePrivacy
+	71, // 26: ferry.wire.v1.ClientFrame.typing:type_name -> ferry.wire.v1.Typing
+	9,  // 27: ferry.wire.v1.ServerFrame.response:type_name -> ferry.wire.v1.Response
+	10, // 28: ferry.wire.v1.ServerFrame.event:type_name -> ferry.wire.v1.Event
+	74, // 29: ferry.wire.v1.Response.error:type_name -> ferry.wire.v1.Error
+	12, // 30: ferry.wire.v1.Response.welcome:type_name -> ferry.wire.v1.Welcome
+	15, // 31: ferry.wire.v1.Response.register:type_name -> ferry.wire.v1.RegisterResult
+	17, // 32: ferry.wire.v1.Response.auth:type_name -> ferry.wire.v1.AuthResult
+	21, // 33: ferry.wire.v1.Response.upload_keys:type_name -> ferry.wire.v1.UploadKeysResult
+	26, // 34: ferry.wire.v1.Response.claim_bundles:type_name -> ferry.wire.v1.ClaimBundlesResult
+	29, // 35: ferry.wire.v1.Response.send:type_name -> ferry.wire.v1.SendResult
+	31, // 36: ferry.wire.v1.Response.ack:type_name -> ferry.wire.v1.AckResult
+	23, // 37: ferry.wire.v1.Response.key_status:type_name -> ferry.wire.v1.KeyStatusResult
+	42, // 38: ferry.wire.v1.Response.publish_device_list:type_name -> ferry.wire.v1.PublishDeviceListResult
+	44, // 39: ferry.wire.v1.Response.get_device_list:type_name -> ferry.wire.v1.GetDeviceListResult
+	46, // 40: ferry.wire.v1.Response.link_start:type_name -> ferry.wire.v1.LinkStartResult
+	48, // 41: ferry.wire.v1.Response.get_link:type_name -> ferry.wire.v1.GetLinkResult
+	50, // 42: ferry.wire.v1.Response.approve_link:type_name -> ferry.wire.v1.ApproveLinkResult
+	54, // 43: ferry.wire.v1.Response.remove_device:type_name -> ferry.wire.v1.RemoveDeviceResult
+	29, // 44: ferry.wire.v1.Response.sync_to_device:type_name -> ferry.wire.v1.SendResult
+	56, // 45: ferry.wire.v1.Response.group:type_name -> ferry.wire.v1.GroupInfo
+	63, // 46: ferry.wire.v1.Response.list_groups:type_name -> ferry.wire.v1.ListGroupsResult
+	29, // 47: ferry.wire.v1.Response.group_send:type_name -> ferry.wire.v1.SendResult
+	35, // 48: ferry.wire.v1.Response.mark_read:type_name -> ferry.wire.v1.MarkReadResult
+	79, // 49: ferry.wire.v1.Response.set_push:type_name -> ferry.wire.v1.SetPushResult
+	81, // 50: ferry.wire.v1.Response.clear_push:type_name -> ferry.wire.v1.ClearPushResult
+	68, // 51: ferry.wire.v1.Response.presence:type_name -> ferry.wire.v1.PresenceResult
+	70, // 52: ferry.wire.v1.Response.presence_privacy:type_name -> ferry.wire.v1.PresencePrivacy
+	72, // 53: ferry.wire.v1.Response.typing:type_name -> ferry.wire.v1.TypingResult
+	32, // 54: ferry.wire.v1.Event.envelope:type_name -> ferry.wire.v1.Envelope
+	36, // 55: ferry.wire.v1.Event.queue_empty:type_name -> ferry.wire.v1.QueueEmpty
+	37, // 56: ferry.wire.v1.Event.prekeys_low:type_name -> ferry.wire.v1.PrekeysLow
+	51, // 57: ferry.wire.v1.Event.link_approved:type_name -> ferry.wire.v1.LinkApproved
+	65, // 58: ferry.wire.v1.Event.presence:type_name -> ferry.wire.v1.PresenceInfo
+	73, // 59: ferry.wire.v1.Event.typing:type_name -> ferry.wire.v1.TypingEvent
+	13, // 60: ferry.wire.v1.Welcome.limits:type_name -> ferry.wire.v1.Limits
+	19, // 61: ferry.wire.v1.UploadKeys.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	18, // 62: ferry.wire.v1.UploadKeys.one_time_prekeys:type_name -> ferry.wire.v1.PreKey
+	19, // 63: ferry.wire.v1.PreKeyBundle.signed_prekey:type_name -> ferry.wire.v1.SignedPreKey
+	18, // 64: ferry.wire.v1.PreKeyBundle.one_time_prekey:type_name -> ferry.wire.v1.PreKey
+	25, // 65: ferry.wire.v1.ClaimBundlesResult.bundles:type_name -> ferry.wire.v1.PreKeyBundle
+	0,  // 66: ferry.wire.v1.DeviceCiphertext.type:type_name -> ferry.wire.v1.EnvelopeType
+	27, // 67: ferry.wire.v1.Send.ciphertexts:type_name -> ferry.wire.v1.DeviceCiphertext
+	0,  // 68: ferry.wire.v1.Envelope.type:type_name -> ferry.wire.v1.EnvelopeType
+	33, // 69: ferry.wire.v1.Envelope.receipt:type_name -> ferry.wire.v1.Receipt
+	56, // 70: ferry.wire.v1.Envelope.group:type_name -> ferry.wire.v1.GroupInfo
+	1,  // 71: ferry.wire.v1.Receipt.kind:type_name -> ferry.wire.v1.ReceiptKind
+	39, // 72: ferry.wire.v1.DeviceList.devices:type_name -> ferry.wire.v1.DeviceListEntry
+	40, // 73: ferry.wire.v1.PublishDeviceList.list:type_name -> ferry.wire.v1.SignedDeviceList
+	40, // 74: ferry.wire.v1.GetDeviceListResult.list:type_name -> ferry.wire.v1.SignedDeviceList
+	0,  // 75: ferry.wire.v1.SyncToDevice.type:type_name -> ferry.wire.v1.EnvelopeType
+	57, // 76: ferry.wire.v1.GroupInfo.members:type_name -> ferry.wire.v1.GroupMember
+	58, // 77: ferry.wire.v1.GroupMember.devices:type_name -> ferry.wire.v1.GroupDevice
+	6,  // 78: ferry.wire.v1.GroupChange.op:type_name -> ferry.wire.v1.GroupChange.Op
+	56, // 79: ferry.wire.v1.ListGroupsResult.groups:type_name -> ferry.wire.v1.GroupInfo
+	0,  // 80: ferry.wire.v1.GroupSend.type:type_name -> ferry.wire.v1.EnvelopeType
+	2,  // 81: ferry.wire.v1.PresenceInfo.state:type_name -> ferry.wire.v1.PresenceState
+	65, // 82: ferry.wire.v1.PresenceResult.presence:type_name -> ferry.wire.v1.PresenceInfo
+	3,  // 83: ferry.wire.v1.SetPresencePrivacy.visibility:type_name -> ferry.wire.v1.PresenceVisibility
+	3,  // 84: ferry.wire.v1.PresencePrivacy.visibility:type_name -> ferry.wire.v1.PresenceVisibility
+	4,  // 85: ferry.wire.v1.Error.code:type_name -> ferry.wire.v1.ErrorCode
+	76, // 86: ferry.wire.v1.Error.mismatch:type_name -> ferry.wire.v1.DeviceMismatch
+	56, // 87: ferry.wire.v1.Error.group:type_name -> ferry.wire.v1.GroupInfo
+	75, // 88: ferry.wire.v1.DeviceMismatch.missing:type_name -> ferry.wire.v1.DeviceRef
+	75, // 89: ferry.wire.v1.DeviceMismatch.extra:type_name -> ferry.wire.v1.DeviceRef
+	75, // 90: ferry.wire.v1.DeviceMismatch.stale:type_name -> ferry.wire.v1.DeviceRef
+	5,  // 91: ferry.wire.v1.PushRegistration.kind:type_name -> ferry.wire.v1.PushKind
+	77, // 92: ferry.wire.v1.SetPush.registration:type_name -> ferry.wire.v1.PushRegistration
+	84, // 93: ferry.wire.v1.Content.history:type_name -> ferry.wire.v1.HistoryChunk
+	83, // 94: ferry.wire.v1.Content.sender_key:type_name -> ferry.wire.v1.SenderKeyDistribution
+	85, // 95: ferry.wire.v1.HistoryChunk.messages:type_name -> ferry.wire.v1.HistoryMessage
+	96, // [96:96] is the sub-list for method output_type
+	96, // [96:96] is the sub-list for method input_type
+	96, // [96:96] is the sub-list for extension type_name
+	96, // [96:96] is the sub-list for extension extendee
+	0,  // [0:96] is the sub-list for field type_name
 }
 
 func init() { file_ferry_proto_init() }
@@ -5954,6 +6756,10 @@ func file_ferry_proto_init() {
 		(*ClientFrame_MarkRead)(nil),
 		(*ClientFrame_SetPush)(nil),
 		(*ClientFrame_ClearPush)(nil),
+		(*ClientFrame_GetPresence)(nil),
+		(*ClientFrame_SubscribePresence)(nil),
+		(*ClientFrame_SetPresencePrivacy)(nil),
+		(*ClientFrame_Typing)(nil),
 	}
 	file_ferry_proto_msgTypes[1].OneofWrappers = []any{
 		(*ServerFrame_Response)(nil),
@@ -5981,20 +6787,25 @@ func file_ferry_proto_init() {
 		(*Response_MarkRead)(nil),
 		(*Response_SetPush)(nil),
 		(*Response_ClearPush)(nil),
+		(*Response_Presence)(nil),
+		(*Response_PresencePrivacy)(nil),
+		(*Response_Typing)(nil),
 	}
 	file_ferry_proto_msgTypes[3].OneofWrappers = []any{
 		(*Event_Envelope)(nil),
 		(*Event_QueueEmpty)(nil),
 		(*Event_PrekeysLow)(nil),
 		(*Event_LinkApproved)(nil),
+		(*Event_Presence)(nil),
+		(*Event_Typing)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ferry_proto_rawDesc), len(file_ferry_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   70,
+			NumEnums:      7,
+			NumMessages:   79,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
