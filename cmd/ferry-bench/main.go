@@ -46,7 +46,7 @@ func run(args []string) error {
 		return err
 	}
 	if fs.NArg() == 0 {
-		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]\n       ferry-bench --server URL drain [--messages K] [--size B] [--json]\n       ferry-bench --server URL idle N [--settle D] [--json]\n       ferry-bench --server URL group [--members G] [--devices D] [--messages M] [--procs P] [--json]\n       ferry-bench --server URL presence [--devices N] [--procs P] [--watch K] [--settle D] [--json]")
+		return errors.New("usage: ferry-bench --server URL pairs [--pairs P] [--messages N] [--size B] [--json]\n       ferry-bench --server URL drain [--messages K] [--size B] [--json]\n       ferry-bench --server URL idle N [--procs P] [--settle D] [--json]\n       ferry-bench --server URL group [--members G] [--devices D] [--messages M] [--procs P] [--json]\n       ferry-bench --server URL storm N [--backoff-min D] [--json]\n       ferry-bench --server URL presence [--devices N] [--procs P] [--watch K] [--settle D] [--json]")
 	}
 	switch fs.Arg(0) {
 	case "pairs":
@@ -55,6 +55,10 @@ func run(args []string) error {
 		return drain(*server, fs.Args()[1:])
 	case "idle":
 		return idle(*server, fs.Args()[1:])
+	case "storm":
+		return storm(*server, fs.Args()[1:])
+	case "idle-worker": // started by idle --procs
+		return idleWorker(*server, fs.Args()[1:])
 	case "group":
 		return groupBench(*server, fs.Args()[1:])
 	case "group-worker": // started by group
@@ -64,7 +68,7 @@ func run(args []string) error {
 	case "presence-worker":
 		return presenceWorker(*server, fs.Args()[1:])
 	default:
-		return fmt.Errorf("unknown mode %q (have: pairs, drain, idle, group, presence)", fs.Arg(0))
+		return fmt.Errorf("unknown mode %q (have: pairs, drain, idle, group, storm, presence)", fs.Arg(0))
 	}
 }
 
@@ -199,6 +203,9 @@ type pairsResult struct {
 	DeliverP999  float64 `json:"deliver_p999_ms"`
 	Lost         int     `json:"lost"`
 	Duplicates   int     `json:"duplicates"`
+	Rate         float64 `json:"rate"` // offered msgs/s, 0: unpaced
+	Idle         int     `json:"idle_connections"`
+	E2EE         bool    `json:"e2ee"`
 }
 
 func pairs(server string, args []string) error {
@@ -206,13 +213,37 @@ func pairs(server string, args []string) error {
 	np := fs.Int("pairs", 16, "sender/receiver pairs")
 	nm := fs.Int("messages", 200, "messages per pair")
 	size := fs.Int("size", 160, "ciphertext bytes")
+	rate := fs.Float64("rate", 0, "total messages per second over all pairs (0: unpaced, one in flight per sender)")
+	idleN := fs.Int("idle", 0, "extra idle authenticated connections held during the run (at most 15,000 per process)")
+	e2ee := fs.Bool("e2ee", false, "real Signal sessions through the client SDK (the end-to-end figure; client crypto shares the cores)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if *idleN < 0 || *idleN > 15000 {
+		return errors.New("pairs: --idle must be 0..15000 per process (20,000 open files)")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	run := hex.EncodeToString(randBytes(3))
+	if *idleN > 0 {
+		conns, err := idleConns(ctx, server, "bpi"+run, *idleN)
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		if err != nil {
+			return err
+		}
+	}
+	if *e2ee {
+		return e2eePairs(ctx, server, run, *np, *nm, *rate, *idleN, *asJSON)
+	}
+	var interval time.Duration // per sender
+	if *rate > 0 {
+		interval = time.Duration(float64(time.Second) * float64(*np) / *rate)
+	}
 	type pair struct{ s, r *device }
 	ps := make([]pair, *np)
 	for i := range ps {
@@ -276,7 +307,12 @@ func pairs(server string, args []string) error {
 		}()
 		go func() { // sender
 			defer wg.Done()
+			next := time.Now()
 			for i := 0; i < *nm; i++ {
+				if interval > 0 {
+					time.Sleep(time.Until(next)) // pacing the load is the point here
+					next = next.Add(interval)
+				}
 				id := fmt.Sprintf("%s-%d", p.s.name, i)
 				t0 := time.Now()
 				smu.Lock()
@@ -306,18 +342,23 @@ func pairs(server string, args []string) error {
 	if firstErr != nil {
 		return firstErr
 	}
-	res := pairsResult{Pairs: *np, Messages: *np * *nm, Lost: lost, Duplicates: dups,
+	res := pairsResult{Pairs: *np, Messages: *np * *nm, Lost: lost, Duplicates: dups, Rate: *rate, Idle: *idleN,
 		MsgsPerSec: float64(*np**nm) / elapsed.Seconds(),
 		AckP50Ms:   pct(ackLat, 0.50), AckP99Ms: pct(ackLat, 0.99),
 		DeliverP50Ms: pct(deliverLat, 0.50), DeliverP99Ms: pct(deliverLat, 0.99), DeliverP999: pct(deliverLat, 0.999)}
 	if *asJSON {
 		return json.NewEncoder(os.Stdout).Encode(res)
 	}
-	fmt.Printf("pairs %d, messages %d, %.0f msgs/s (persist → ✓ → deliver → ack → delete)\n", res.Pairs, res.Messages, res.MsgsPerSec)
+	printPairs(res)
+	return nil
+}
+
+func printPairs(res pairsResult) {
+	fmt.Printf("pairs %d, messages %d, %.0f msgs/s (persist → ✓ → deliver → ack → delete), offered rate %v, idle connections %d, e2ee %v\n",
+		res.Pairs, res.Messages, res.MsgsPerSec, res.Rate, res.Idle, res.E2EE)
 	fmt.Printf("send→✓       p50 %.2f ms  p99 %.2f ms\n", res.AckP50Ms, res.AckP99Ms)
 	fmt.Printf("send→deliver p50 %.2f ms  p99 %.2f ms  p99.9 %.2f ms\n", res.DeliverP50Ms, res.DeliverP99Ms, res.DeliverP999)
 	fmt.Printf("lost %d, duplicates %d\n", res.Lost, res.Duplicates)
-	return nil
 }
 
 func pct(xs []float64, p float64) float64 {
@@ -347,16 +388,20 @@ type idleResult struct {
 func idle(server string, args []string) error {
 	fs := flag.NewFlagSet("idle", flag.ContinueOnError)
 	settle := fs.Duration("settle", 10*time.Second, "how long to measure idle CPU")
+	procs := fs.Int("procs", 1, "worker processes holding the connections (at most 19,000 each: 20,000 open files per process)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	if len(args) == 0 {
-		return errors.New("usage: ferry-bench --server URL idle N [--settle D] [--json]")
+		return errors.New("usage: ferry-bench --server URL idle N [--procs P] [--settle D] [--json]")
 	}
 	n, err := strconv.Atoi(args[0])
-	if err != nil || n <= 0 || n > 19000 {
-		return fmt.Errorf("idle: N must be 1..19000 per process (20,000 open files), got %q", args[0])
+	if err != nil || n <= 0 {
+		return fmt.Errorf("idle: N must be a positive number, got %q", args[0])
 	}
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
+	}
+	if *procs < 1 || (n+*procs-1) / *procs > 19000 {
+		return fmt.Errorf("idle: %d connections need at least %d processes (--procs): 19,000 per process", n, (n+18999)/19000)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
@@ -369,6 +414,14 @@ func idle(server string, args []string) error {
 		return err
 	}
 	run := hex.EncodeToString(randBytes(3))
+	if *procs > 1 {
+		stop, err := idleSpread(ctx, server, "bi"+run, n, *procs)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		return idleReport(ctx, metricsURL, rss0, n, *settle, *asJSON)
+	}
 	conns := make([]*client.Conn, n)
 	sem := make(chan struct{}, 32)
 	var wg sync.WaitGroup
@@ -400,17 +453,22 @@ func idle(server string, args []string) error {
 	if firstErr != nil {
 		return firstErr
 	}
+	return idleReport(ctx, metricsURL, rss0, n, *settle, *asJSON)
+}
+
+// idleReport reads the server's memory and idle CPU with n connections up.
+func idleReport(ctx context.Context, metricsURL string, rss0 float64, n int, settle time.Duration, asJSON bool) error {
 	rss1, cpu1, err := scrape(ctx, metricsURL)
 	if err != nil {
 		return err
 	}
-	time.Sleep(*settle) // measuring idle CPU over a fixed span is the point here
+	time.Sleep(settle) // measuring idle CPU over a fixed span is the point here
 	_, cpu2, err := scrape(ctx, metricsURL)
 	if err != nil {
 		return err
 	}
 	res := idleResult{Connections: n, BytesPerConn: (rss1 - rss0) / float64(n), IdleCPU: (cpu2 - cpu1) / settle.Seconds()}
-	if *asJSON {
+	if asJSON {
 		return json.NewEncoder(os.Stdout).Encode(res)
 	}
 	fmt.Printf("idle: %d connections, %.0f bytes of server memory each, server CPU while idle %.3f cores\n",
