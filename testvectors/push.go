@@ -93,7 +93,7 @@ type PushVector struct {
 	// of the subscription, to decrypt the body with.
 	SubscriptionPrivateKey Hex          `json:"subscription_private_key,omitempty"`
 	Request                PushRequest  `json:"request"`
-	Plaintext              string       `json:"plaintext,omitempty"` // webpush: the body decrypted (RFC 8291)
+	Plaintext              string       `json:"plaintext,omitempty"` // webpush: what the body decrypts to (RFC 8291)
 	Response               PushResponse `json:"response"`
 	RetryAfterMs           int64        `json:"retry_after_ms,omitempty"` // retry: the delay the provider asked for
 
@@ -222,6 +222,9 @@ func (v *PushVector) run() (*received, error, [2]time.Time, error) {
 		Endpoint: v.Registration.Endpoint, P256Dh: v.Registration.P256dh, Auth: v.Registration.Auth}, false)
 	if err != nil {
 		return nil, nil, span, fmt.Errorf("registration refused: %w", err)
+	}
+	if v.Response.Status < 200 || v.Response.Status > 599 {
+		return nil, nil, span, fmt.Errorf("response status %d is not 200..599", v.Response.Status)
 	}
 	gotc := make(chan *received, 1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
@@ -401,6 +404,7 @@ func (j *PushJWT) check(tok string, span [2]time.Time) error {
 
 // Check runs the wake-up and returns the verdict.
 func (v *PushVector) Check() (string, error) {
+	v.got.err = nil
 	if v.Provider == "webpush" {
 		pt, err := decryptWebPush(v.Request.BodyHex, v.SubscriptionPrivateKey, v.Registration.Auth)
 		if err != nil {
@@ -432,11 +436,20 @@ func (v *PushVector) Check() (string, error) {
 
 // Consistent checks the text copies and the retry delay.
 func (v *PushVector) Consistent() error {
-	if utf8.Valid(v.Request.BodyHex) != (v.Request.Body != "") && len(v.Request.BodyHex) > 0 ||
-		v.Request.Body != "" && v.Request.Body != string(v.Request.BodyHex) {
+	text := ""
+	if utf8.Valid(v.Request.BodyHex) {
+		text = string(v.Request.BodyHex)
+	}
+	if v.Request.Body != text {
 		return errors.New(`"body" does not match body_hex`)
 	}
-	if v.Provider == "webpush" && v.Plaintext != string(push.Payload) {
+	plain := ""
+	if v.Provider == "webpush" {
+		if pt, err := decryptWebPush(v.Request.BodyHex, v.SubscriptionPrivateKey, v.Registration.Auth); err == nil {
+			plain = string(pt)
+		}
+	}
+	if v.Plaintext != plain {
 		return errors.New(`"plaintext" is not what the body decrypts to`)
 	}
 	var se *push.StatusError
@@ -576,6 +589,7 @@ func pushVectors() (map[string]vector, error) {
 				leak, err := encryptWebPush([]byte(`{"ferry":"wake","from":"alice","text":"hello bob"}`),
 					ua.PublicKey(), auth, p256Priv("webpush-leak-sender"), fixedSeed("webpush-leak-salt")[:16])
 				v.Request.BodyHex = leak
+				v.Plaintext = `{"ferry":"wake","from":"alice","text":"hello bob"}`
 				v.Expect = ErrPayloadNotWake
 				return err
 			}},
