@@ -160,7 +160,10 @@ type received struct {
 
 // toServer hands every request to the test server at addr, over plain
 // HTTP, keeping its Host: the provider code addresses the real hosts.
-type toServer struct{ addr string }
+type toServer struct {
+	addr string
+	tr   *http.Transport // no proxy, whatever the environment says
+}
 
 func (t toServer) RoundTrip(r *http.Request) (*http.Response, error) {
 	if r.URL.Scheme != "https" {
@@ -169,7 +172,7 @@ func (t toServer) RoundTrip(r *http.Request) (*http.Response, error) {
 	r2 := r.Clone(r.Context())
 	r2.URL.Scheme, r2.URL.Host = "http", t.addr
 	r2.Host = r.URL.Host
-	return http.DefaultTransport.RoundTrip(r2)
+	return t.tr.RoundTrip(r2)
 }
 
 func (v *PushVector) provider(c *http.Client) (push.Provider, error) {
@@ -240,7 +243,8 @@ func (v *PushVector) run() (*received, error, [2]time.Time, error) {
 		_, _ = io.WriteString(w, v.Response.Body)
 	}))
 	defer srv.Close()
-	tr := toServer{addr: srv.Listener.Addr().String()}
+	tr := toServer{addr: srv.Listener.Addr().String(), tr: &http.Transport{}}
+	defer tr.tr.CloseIdleConnections()
 	p, err := v.provider(&http.Client{Transport: tr, Timeout: 10 * time.Second,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }})
 	if err != nil {
