@@ -14,6 +14,7 @@ import (
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/google"
+	"golang.org/x/oauth2/jwt"
 )
 
 // FCMEndpoint is the base URL of the FCM HTTP v1 API.
@@ -61,6 +62,18 @@ func (f *FCM) init() error {
 		if f.Endpoint == "" {
 			f.Endpoint = FCMEndpoint
 		}
+		var conf *jwt.Config
+		if f.TokenSource == nil {
+			c, err := google.JWTConfigFromJSON(f.CredentialsJSON, fcmScope)
+			if err != nil {
+				f.initErr = fmt.Errorf("%w: FCM service account: %w", ErrConfig, err)
+				return
+			}
+			if f.TokenURL != "" {
+				c.TokenURL = f.TokenURL
+			}
+			conf = c
+		}
 		var meta struct {
 			ProjectID string `json:"project_id"`
 		}
@@ -76,14 +89,6 @@ func (f *FCM) init() error {
 		if f.TokenSource != nil {
 			f.ts = f.TokenSource
 			return
-		}
-		conf, err := google.JWTConfigFromJSON(f.CredentialsJSON, fcmScope)
-		if err != nil {
-			f.initErr = fmt.Errorf("%w: FCM service account: %w", ErrConfig, err)
-			return
-		}
-		if f.TokenURL != "" {
-			conf.TokenURL = f.TokenURL
 		}
 		// The token endpoint is called with a bounded client; Token() is
 		// not cancellable by the push's context.
