@@ -1,7 +1,9 @@
 package presence
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"sync"
 	"testing"
@@ -10,6 +12,7 @@ import (
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
+	"google.golang.org/protobuf/proto"
 )
 
 type fakeSub struct {
@@ -214,5 +217,52 @@ func TestSubscriptionBoundAndDrops(t *testing.T) {
 	defer tr.mu.Unlock()
 	if len(tr.accts) != 0 || len(tr.subs) != 0 {
 		t.Fatalf("state left behind: %d accounts, %d subscribers", len(tr.accts), len(tr.subs))
+	}
+}
+
+// What presence writes, exactly: per account its last-seen time (8 bytes,
+// Unix ms, big-endian) and its privacy setting. Who is online, who watches
+// whom and the events pushed are never written.
+func TestStoredRecords(t *testing.T) {
+	ctx := context.Background()
+	now := time.UnixMilli(1767225600123)
+	db, err := store.OpenMem()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	tr := NewTracker(NewStore(db), Options{FlapWindow: -1, Now: func() time.Time { return now }})
+	defer tr.Close()
+	alice := &fakeSub{viewer: "alice"}
+	if _, err := tr.Subscribe(ctx, alice, []string{"bob", "carol"}); err != nil {
+		t.Fatal(err)
+	}
+	tr.Connected("bob")
+	tr.Connected("carol") // still online at the end: nothing stored for carol
+	tr.Disconnected("bob")
+	priv, err := NormalizePrivacy(wirepb.PresenceVisibility_ALLOWLIST, []string{"alice"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.SetPrivacy(ctx, "bob", priv); err != nil {
+		t.Fatal(err)
+	}
+	waitEvents(t, alice, 3) // bob online, carol online, bob offline
+	kvs, err := store.Dump(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	privBytes, _ := proto.MarshalOptions{Deterministic: true}.Marshal(priv)
+	want := []store.KV{
+		{Key: []byte("osbob"), Value: binary.BigEndian.AppendUint64(nil, uint64(now.UnixMilli()))},
+		{Key: []byte("ovbob"), Value: privBytes},
+	}
+	if len(kvs) != len(want) {
+		t.Fatalf("stored %d records %q, want %d", len(kvs), kvs, len(want))
+	}
+	for i := range want {
+		if !bytes.Equal(kvs[i].Key, want[i].Key) || !bytes.Equal(kvs[i].Value, want[i].Value) {
+			t.Errorf("record %d: %q = %x, want %q = %x", i, kvs[i].Key, kvs[i].Value, want[i].Key, want[i].Value)
+		}
 	}
 }

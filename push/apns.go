@@ -44,6 +44,9 @@ type APNs struct {
 	Client *http.Client
 	// TTL sets apns-expiration; 0 = 1 day.
 	TTL time.Duration
+	// Now is the clock of the provider token's iat and of apns-expiration;
+	// nil = time.Now (test vectors fix it).
+	Now func() time.Time
 
 	once   sync.Once
 	mu     sync.Mutex
@@ -114,7 +117,11 @@ func (a *APNs) Push(ctx context.Context, reg *wirepb.PushRegistration, r Reason)
 			a.Endpoint = APNsProduction
 		}
 	})
-	tok, err := a.bearer(time.Now())
+	now := time.Now()
+	if a.Now != nil {
+		now = a.Now()
+	}
+	tok, err := a.bearer(now)
 	if err != nil {
 		return err
 	}
@@ -125,7 +132,7 @@ func (a *APNs) Push(ctx context.Context, reg *wirepb.PushRegistration, r Reason)
 	req.Header.Set("authorization", "bearer "+tok)
 	req.Header.Set("apns-topic", a.Topic)
 	req.Header.Set("apns-collapse-id", CollapseID)
-	req.Header.Set("apns-expiration", strconv.FormatInt(time.Now().Add(ttlOr(a.TTL)).Unix(), 10))
+	req.Header.Set("apns-expiration", strconv.FormatInt(now.Add(ttlOr(a.TTL)).Unix(), 10))
 	if r == ReasonPrekeys {
 		req.Header.Set("apns-push-type", "background")
 		req.Header.Set("apns-priority", "5") // Apple requires 5 for background pushes

@@ -1,6 +1,7 @@
 package push
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"sync"
@@ -12,6 +13,7 @@ import (
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/protobuf/proto"
 )
 
 // fakeProvider records pushes and answers with the scripted errors in
@@ -399,5 +401,43 @@ func TestBackoff(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// What the server writes for a push registration, exactly: one record per
+// device under 'p' username 0x00 device(4), holding only the fields its
+// kind uses (a token or an endpoint, plus the subscription keys for Web
+// Push); clearing it (or removing the device: relay.TestSetClearPush)
+// leaves nothing.
+func TestStoredRecord(t *testing.T) {
+	ctx := context.Background()
+	db, err := store.OpenMem()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	d := NewDispatcher(Config{}, NewStore(db), map[wirepb.PushKind]Provider{wirepb.PushKind_UNIFIEDPUSH: newFake()})
+	defer d.Stop()
+	bob := wire.DeviceAddr{Account: "bob", Device: 2}
+	// Fields another kind would use are dropped before storing.
+	in := &wirepb.PushRegistration{Kind: wirepb.PushKind_UNIFIEDPUSH, Endpoint: "https://up.example/bob",
+		Token: "not-for-unifiedpush", P256Dh: []byte{4, 1, 2}, Auth: []byte("0123456789abcdef")}
+	if err := d.Set(ctx, bob, in); err != nil {
+		t.Fatal(err)
+	}
+	kvs, err := store.Dump(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantVal, _ := proto.Marshal(&wirepb.PushRegistration{Kind: wirepb.PushKind_UNIFIEDPUSH, Endpoint: "https://up.example/bob"})
+	wantKey := append([]byte("pbob\x00"), 0, 0, 0, 2)
+	if len(kvs) != 1 || !bytes.Equal(kvs[0].Key, wantKey) || !bytes.Equal(kvs[0].Value, wantVal) {
+		t.Fatalf("stored %q, want one record %q = %x", kvs, wantKey, wantVal)
+	}
+	if err := d.Clear(ctx, bob); err != nil {
+		t.Fatal(err)
+	}
+	if kvs, _ := store.Dump(db); len(kvs) != 0 {
+		t.Fatalf("after Clear: %q", kvs)
 	}
 }

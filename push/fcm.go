@@ -14,6 +14,7 @@ import (
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/google"
+	"golang.org/x/oauth2/jwt"
 )
 
 // FCMEndpoint is the base URL of the FCM HTTP v1 API.
@@ -29,6 +30,11 @@ const fcmScope = "https://www.googleapis.com/auth/firebase.messaging"
 type FCM struct {
 	// CredentialsJSON is the service account's JSON key file.
 	CredentialsJSON []byte
+	// TokenSource, if set, gives the OAuth2 access tokens instead of the
+	// key file's JWT grant (e.g. google.DefaultTokenSource on a cloud host,
+	// or a fixed token in the test vectors); CredentialsJSON may then be
+	// nil and only names the project.
+	TokenSource oauth2.TokenSource
 	// ProjectID overrides the key file's project_id.
 	ProjectID string
 	// TokenURL overrides the key file's token_uri (tests, proxies).
@@ -56,13 +62,17 @@ func (f *FCM) init() error {
 		if f.Endpoint == "" {
 			f.Endpoint = FCMEndpoint
 		}
-		conf, err := google.JWTConfigFromJSON(f.CredentialsJSON, fcmScope)
-		if err != nil {
-			f.initErr = fmt.Errorf("%w: FCM service account: %w", ErrConfig, err)
-			return
-		}
-		if f.TokenURL != "" {
-			conf.TokenURL = f.TokenURL
+		var conf *jwt.Config
+		if f.TokenSource == nil {
+			c, err := google.JWTConfigFromJSON(f.CredentialsJSON, fcmScope)
+			if err != nil {
+				f.initErr = fmt.Errorf("%w: FCM service account: %w", ErrConfig, err)
+				return
+			}
+			if f.TokenURL != "" {
+				c.TokenURL = f.TokenURL
+			}
+			conf = c
 		}
 		var meta struct {
 			ProjectID string `json:"project_id"`
@@ -74,6 +84,10 @@ func (f *FCM) init() error {
 		}
 		if f.project == "" {
 			f.initErr = fmt.Errorf("%w: FCM needs a project id", ErrConfig)
+			return
+		}
+		if f.TokenSource != nil {
+			f.ts = f.TokenSource
 			return
 		}
 		// The token endpoint is called with a bounded client; Token() is

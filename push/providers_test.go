@@ -30,6 +30,7 @@ import (
 	webpush "github.com/SherClockHolmes/webpush-go"
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"github.com/golang-jwt/jwt/v5"
+	"golang.org/x/oauth2"
 )
 
 // forbidden are strings no push body may hold: what a message, its sender
@@ -295,6 +296,23 @@ func TestFCM(t *testing.T) {
 				t.Errorf("err %v: invalid %v retryable %v", err, errors.Is(err, ErrInvalidToken), se.Retryable())
 			}
 		})
+	}
+	// A token source instead of the key file's grant (workload identity,
+	// the test vectors): its token is used, the token endpoint is not asked.
+	status.Store(200)
+	ts := oauth2.StaticTokenSource(&oauth2.Token{AccessToken: "ya29.test-token", TokenType: "Bearer"})
+	if err := (&FCM{ProjectID: "proj", TokenSource: ts, Endpoint: api.URL}).Push(ctx, reg, ReasonMessage); err != nil {
+		t.Fatal(err)
+	}
+	<-bodies
+	if n := tokenCalls.Load(); n != 1 {
+		t.Errorf("%d token requests, want still 1", n)
+	}
+	if err := (&FCM{TokenSource: ts}).Check(); !errors.Is(err, ErrConfig) {
+		t.Errorf("a token source without a project: %v", err)
+	}
+	if err := (&FCM{CredentialsJSON: []byte("{")}).Check(); !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "service account") {
+		t.Errorf("a bad key file: %v", err)
 	}
 	// A token endpoint that refuses is a retryable failure, not a crash.
 	dead := httptest.NewServer(http.NotFoundHandler())

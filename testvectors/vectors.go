@@ -15,6 +15,7 @@
 //	signal-session  an X3DH setup and a double-ratchet transcript (libsignal)
 //	signal-group    a sender-key group exchange (libsignal)
 //	inbox           the exact Pebble keys and values the inbox stores for a send
+//	push            exactly what each push provider receives for a wake-up
 //
 // Generate writes them all (ferry vectors generate DIR); VerifyDir checks a
 // tree of them (ferry vectors verify DIR). See README.md in this folder for

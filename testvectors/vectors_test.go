@@ -158,7 +158,7 @@ func TestVerifyDirReportsBadFiles(t *testing.T) {
 // a one-byte change must be caught in.
 var byteField = map[string]string{
 	KindWire: "hex", KindDeviceAuth: "signature", KindSignedPreKey: "signature", KindDeviceList: "signature",
-	KindSignalSession: "ciphertext", KindSignalGroup: "ciphertext", KindInbox: "value",
+	KindSignalSession: "ciphertext", KindSignalGroup: "ciphertext", KindInbox: "value", KindPush: "body_hex",
 }
 
 // ChangeOneByte changes the first byte of the first value of field in a

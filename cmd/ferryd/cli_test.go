@@ -105,7 +105,7 @@ func writeSelfSigned(t *testing.T, certFile, keyFile string) *x509.CertPool {
 // in must make `ferry vectors verify` fail.
 var vectorField = map[string]string{
 	"wire": "hex", "deviceauth": "signature", "signedprekey": "signature", "devicelist": "signature",
-	"signal-session": "ciphertext", "signal-group": "ciphertext", "inbox": "value",
+	"signal-session": "ciphertext", "signal-group": "ciphertext", "inbox": "value", "push": "body_hex",
 }
 
 // `ferry vectors verify` passes on the committed vectors; changing one

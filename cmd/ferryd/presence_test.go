@@ -198,6 +198,13 @@ func TestBlackBoxTypingNeverStored(t *testing.T) {
 	if n := inboxEntries(t, data); n != 0 {
 		t.Fatalf("%d inbox entries after typing, want 0", n)
 	}
+	// Nor logged, at debug level: no line says who typed to whom or
+	// watched whose presence.
+	for _, l := range strings.Split(srv.log.String(), "\n") {
+		if low := strings.ToLower(strings.ReplaceAll(l, data, "DATA")); strings.Contains(low, "typing") || strings.Contains(low, "presence") {
+			t.Errorf("ferryd logged %q", l)
+		}
+	}
 	var needles []string
 	for _, on := range []bool{true, false} {
 		ev := &wirepb.TypingEvent{Username: "bob", DeviceId: 1, Typing: on, TtlMs: 6000}

@@ -4,17 +4,21 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdh"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -24,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	webpush "github.com/SherClockHolmes/webpush-go"
 	"github.com/ferryhq/ferry/client"
 	"github.com/golang-jwt/jwt/v5"
 )
@@ -277,8 +282,13 @@ func TestBlackBoxPushWakeUp(t *testing.T) {
 	if n := ep.count(); n != 2 {
 		t.Fatalf("%d pushes after the registration was removed, want still 2", n)
 	}
-	if strings.Contains(srv.log.String(), "bob-instance-7f3a") || strings.Contains(srv.log.String(), secret) {
-		t.Fatal("ferryd logged the push endpoint or message text")
+	// The debug-level log holds neither the endpoint nor a message's text
+	// (raw, hex or base64, in pieces: see audit).
+	logFile := filepath.Join(t.TempDir(), "ferryd.log")
+	writeFile(t, logFile, []byte(srv.log.String()))
+	for _, f := range audit(t, logFile, map[string][]byte{"push endpoint": []byte(endpoint),
+		"push endpoint path": []byte("/up/bob-instance-7f3a"), "message text": []byte(secret)}, nil) {
+		t.Error(f)
 	}
 }
 
@@ -365,9 +375,11 @@ func summary(ds []time.Duration) string {
 	return fmt.Sprintf("mean %v max %v (n=%d)", (sum / time.Duration(len(ds))).Round(time.Millisecond), max.Round(time.Millisecond), len(ds))
 }
 
-// ferryd with APNs and FCM credentials from its flags pushes to both
-// services' APIs (local fakes: APNs over HTTP/2 with TLS, FCM with a local
-// OAuth2 token endpoint).
+// ferryd with APNs, FCM and Web Push credentials from its flags pushes to
+// the three services (local fakes: APNs over HTTP/2 with TLS, FCM with a
+// local OAuth2 token endpoint, a Web Push service answering 410), and its
+// debug-level log holds none of the tokens, endpoints, subscription keys
+// or credentials.
 func TestBlackBoxPushAPNsFCM(t *testing.T) {
 	dir := t.TempDir()
 	// APNs: an HTTP/2 TLS server; ferryd trusts its certificate through SSL_CERT_FILE.
@@ -411,19 +423,49 @@ func TestBlackBoxPushAPNsFCM(t *testing.T) {
 	credFile := filepath.Join(dir, "sa.json")
 	writeFile(t, credFile, creds)
 
+	// Web Push: a subscription whose push service answers 410 Gone (the
+	// registration is removed, which ferryd logs).
+	vapidPriv, vapidPub, err := webpush.GenerateVAPIDKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	vapidFile := filepath.Join(dir, "vapid.key")
+	writeFile(t, vapidFile, []byte(vapidPriv))
+	ua, _ := ecdh.P256().GenerateKey(rand.Reader)
+	wpAuth := make([]byte, 16)
+	_, _ = rand.Read(wpAuth)
+	wpGot := make(chan string, 10)
+	wp := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		wpGot <- r.URL.Path
+		w.WriteHeader(http.StatusGone)
+	}))
+	defer wp.Close()
+	wpEndpoint := wp.URL + "/wpush/v2/dave-subscription-5be1c0ffee"
+	sub, _ := json.Marshal(map[string]any{"endpoint": wpEndpoint, "keys": map[string]string{
+		"p256dh": base64.RawURLEncoding.EncodeToString(ua.PublicKey().Bytes()),
+		"auth":   base64.RawURLEncoding.EncodeToString(wpAuth)}})
+
 	srv := startServer(t, t.TempDir(),
 		"--apns-key", keyFile, "--apns-key-id", "KEY1234567", "--apns-team-id", "TEAM123456",
 		"--apns-topic", "app.ferry.test", "--apns-endpoint", apns.URL,
-		"--fcm-credentials", credFile, "--fcm-token-url", fcm.URL+"/token", "--fcm-endpoint", fcm.URL)
+		"--fcm-credentials", credFile, "--fcm-token-url", fcm.URL+"/token", "--fcm-endpoint", fcm.URL,
+		"--webpush-vapid-public", vapidPub, "--webpush-vapid-private", vapidFile, "--webpush-subscriber", "ops@ferry.test",
+		"--push-allow-local-endpoints")
 	aliceHome := register(t, srv, "alice")
 	bobHome := register(t, srv, "bob")
 	carolHome := register(t, srv, "carol")
-	token := strings.Repeat("0a", 32)
+	daveHome := register(t, srv, "dave")
+	tokBytes := make([]byte, 32)
+	_, _ = rand.Read(tokBytes)
+	token := hex.EncodeToString(tokBytes)
+	fcmToken := "fcm-token:carols-phone-4f1d2e"
 	mustFerry(t, bobHome, "push", "set", "apns", token)
-	mustFerry(t, carolHome, "push", "set", "fcm", "fcm-token:1")
+	mustFerry(t, carolHome, "push", "set", "fcm", fcmToken)
+	mustFerry(t, daveHome, "push", "set", "webpush", string(sub))
 	offline(t, srv)
 	mustFerry(t, aliceHome, "send", "bob", "hello bob")
 	mustFerry(t, aliceHome, "send", "carol", "hello carol")
+	mustFerry(t, aliceHome, "send", "dave", "hello dave")
 	wait := func(c chan string, what string) string {
 		select {
 		case s := <-c:
@@ -441,6 +483,34 @@ func TestBlackBoxPushAPNsFCM(t *testing.T) {
 	if !strings.HasPrefix(got, "/v1/projects/ferry-test/messages:send Bearer local-token ") ||
 		!strings.Contains(got, `"data":{"ferry":"wake"}`) || strings.Contains(got, "hello") || strings.Contains(got, "alice") {
 		t.Fatalf("FCM got %q", got)
+	}
+	if got := wait(wpGot, "Web Push"); got != "/wpush/v2/dave-subscription-5be1c0ffee" {
+		t.Fatalf("Web Push got %q", got)
+	}
+	pollMetric(t, srv, `ferry_push_tokens_removed_total{kind="webpush"}`, func(v float64) bool { return v == 1 })
+
+	// The debug-level log names devices and kinds, never a token, an
+	// endpoint, a subscription's keys or the server's credentials (looked
+	// for raw, hex and base64, in pieces: see audit).
+	srv.term()
+	log := srv.log.String()
+	for _, line := range []string{"relay: push registration set", "push: registration removed"} {
+		if !strings.Contains(log, line) {
+			t.Fatalf("ferryd's log lacks %q: the log audit would prove nothing\n%s", line, log)
+		}
+	}
+	logFile := filepath.Join(t.TempDir(), "ferryd.log")
+	writeFile(t, logFile, []byte(log))
+	wpURL, _ := url.Parse(wpEndpoint)
+	needles := map[string][]byte{
+		"APNs token": []byte(token), "APNs token bytes": tokBytes, "FCM token": []byte(fcmToken),
+		"Web Push endpoint path": []byte(wpURL.Path), "Web Push p256dh": ua.PublicKey().Bytes(), "Web Push auth": wpAuth,
+		"APNs key": apnsKey.D.Bytes(), "FCM service account key": rk.D.Bytes(), "FCM access token": []byte("local-token"),
+		"VAPID private key": []byte(vapidPriv),
+		"message text":      []byte("hello bob"), "message text 2": []byte("hello carol"), "message text 3": []byte("hello dave"),
+	}
+	for _, f := range audit(t, logFile, needles, nil) {
+		t.Error(f)
 	}
 }
 
