@@ -51,6 +51,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -123,6 +124,43 @@ func DeviceKey(dst []byte, username string, device uint32) []byte {
 	return append(dst, byte(device>>24), byte(device>>16), byte(device>>8), byte(device))
 }
 
+// FatalError is what Pebble reports through its logger's Fatalf: a state it
+// cannot go on from. The one a server meets is "fatal commit error", a WAL
+// write or fsync that failed (a failing disk, a full disk): the batch is
+// then in the memtable but not durable, and Pebble's commit pipeline may be
+// wedged. The quiet logger panics with a *FatalError; the inbox committer
+// recovers it into a retryable error for the ops of that commit (none of
+// them is acked) and stops accepting writes; ferryd then exits so a
+// supervisor restarts it and Pebble replays only what reached the WAL.
+// See docs/operations.md, "Storage faults".
+type FatalError struct{ Msg string }
+
+func (e *FatalError) Error() string { return e.Msg }
+
+// ErrFatal matches every *FatalError with errors.Is.
+var ErrFatal = errors.New("store: fatal storage error")
+
+// Is makes errors.Is(err, ErrFatal) true for a *FatalError.
+func (e *FatalError) Is(target error) bool { return target == ErrFatal }
+
+// RecoverFatal turns a recovered *FatalError panic into an error stored in
+// *err, and re-panics anything else. Use it as
+//
+//	defer store.RecoverFatal(&err)
+//
+// around a Pebble call that may fail fatally (a synced commit).
+func RecoverFatal(err *error) {
+	r := recover()
+	if r == nil {
+		return
+	}
+	if fe, ok := r.(*FatalError); ok {
+		*err = fe
+		return
+	}
+	panic(r)
+}
+
 // quietLogger keeps Pebble's informational chatter out of ferryd's logs
 // while still surfacing errors.
 type quietLogger struct{}
@@ -132,7 +170,12 @@ func (quietLogger) Errorf(format string, args ...any) {
 	slog.Error("pebble: " + fmt.Sprintf(format, args...))
 }
 func (quietLogger) Fatalf(format string, args ...any) {
-	panic(fmt.Sprintf("pebble: "+format, args...))
+	msg := fmt.Sprintf(format, args...)
+	if !strings.HasPrefix(msg, "pebble: ") {
+		msg = "pebble: " + msg
+	}
+	slog.Error(msg)
+	panic(&FatalError{Msg: msg})
 }
 
 // KV is one stored key and value.
