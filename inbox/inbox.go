@@ -226,7 +226,7 @@ func New(db *pebble.DB, o Options) (*Store, error) {
 		return nil, errors.New("inbox: nil db")
 	}
 	o = o.withDefaults()
-	m, err := newMetrics(o.Registerer)
+	m, err := newMetrics(o.Registerer, o.Now)
 	if err != nil {
 		return nil, fmt.Errorf("inbox: metrics: %w", err)
 	}
