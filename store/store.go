@@ -50,6 +50,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"slices"
 	"strings"
 
@@ -77,6 +78,11 @@ const (
 // ErrOpen wraps every failure to open the database.
 var ErrOpen = errors.New("store: open")
 
+// ErrDamaged wraps an open failure that means the files are damaged or
+// missing (Pebble's corruption errors, a table file the MANIFEST names but
+// the directory lacks), as opposed to a permission or lock problem.
+var ErrDamaged = errors.New("store: damaged (restore the data directory from a backup; do not start on it again as is)")
+
 // Options for Open. The zero value opens dir on the real disk.
 type Options struct {
 	// FS is the file system; nil means the OS disk. Tests pass vfs.NewMem().
@@ -101,9 +107,21 @@ func Open(dir string, o Options) (*pebble.DB, error) {
 	}
 	db, err := pebble.Open(dir, opts)
 	if err != nil {
+		if pebble.IsCorruptionError(err) || errors.Is(err, os.ErrNotExist) && !missingDir(o.FS, dir) {
+			return nil, fmt.Errorf("%w %s: %w: %w", ErrOpen, dir, ErrDamaged, err)
+		}
 		return nil, fmt.Errorf("%w %s: %w", ErrOpen, dir, err)
 	}
 	return db, nil
+}
+
+// missingDir reports whether dir itself does not exist (not damage).
+func missingDir(fs vfs.FS, dir string) bool {
+	if fs == nil {
+		fs = vfs.Default
+	}
+	_, err := fs.Stat(dir)
+	return errors.Is(err, os.ErrNotExist)
 }
 
 // OpenMem opens an in-memory database for tests.
