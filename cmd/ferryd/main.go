@@ -112,6 +112,7 @@ func main() {
 	fs.StringVar(&c.acme.cache, "acme-cache", "", "directory keeping ACME account key and certificates (required with --acme-domain)")
 	fs.StringVar(&c.acme.email, "acme-email", "", "contact address for the ACME account (expiry notices)")
 	fs.StringVar(&c.acme.directory, "acme-directory", acme.LetsEncryptURL, "ACME directory URL (a staging or local ACME server for tests)")
+	fs.StringVar(&c.acme.caFile, "acme-ca-file", "", "PEM roots to trust for the ACME directory's HTTPS (a private or local ACME server; default: the system's)")
 	fs.BoolVar(&c.insecure, "insecure", false, "allow plain text on a non-loopback address")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.IntVar(&c.maxMessageBytes, "max-message-bytes", 262144, "largest ciphertext per device in a send")

@@ -2,9 +2,12 @@ package main
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
+	"time"
 
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
@@ -16,6 +19,7 @@ type acmeFlags struct {
 	cache     string
 	email     string
 	directory string
+	caFile    string // PEM roots for the ACME directory's HTTPS ("": the system's)
 }
 
 // transport checks the transport flags and returns the TLS config to
@@ -29,7 +33,7 @@ func transport(c config) (*tls.Config, error) {
 		return nil, errors.New("--tls-cert and --tls-key go together")
 	case files && auto:
 		return nil, errors.New("--acme-domain and --tls-cert/--tls-key exclude each other")
-	case !auto && (c.acme.cache != "" || c.acme.email != "" || (c.acme.directory != "" && c.acme.directory != acme.LetsEncryptURL)):
+	case !auto && (c.acme.cache != "" || c.acme.email != "" || c.acme.caFile != "" || (c.acme.directory != "" && c.acme.directory != acme.LetsEncryptURL)):
 		return nil, errors.New("--acme-cache, --acme-email and --acme-directory need --acme-domain")
 	case files:
 		return &tls.Config{MinVersion: tls.VersionTLS12}, nil // ServeTLS loads the files
@@ -58,11 +62,25 @@ func acmeManager(f acmeFlags) (*autocert.Manager, error) {
 			return nil, fmt.Errorf("--acme-domain %q: a CA cannot validate it", d)
 		}
 	}
+	hc := http.DefaultClient
+	if f.caFile != "" {
+		pem, err := os.ReadFile(f.caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--acme-ca-file: %w", err)
+		}
+		roots := x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--acme-ca-file %s: no PEM certificates", f.caFile)
+		}
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+		hc = &http.Client{Transport: tr, Timeout: time.Minute}
+	}
 	return &autocert.Manager{
 		Prompt:     autocert.AcceptTOS,
 		HostPolicy: autocert.HostWhitelist(f.domains...),
 		Cache:      autocert.DirCache(f.cache),
 		Email:      f.email,
-		Client:     &acme.Client{DirectoryURL: f.directory, HTTPClient: http.DefaultClient},
+		Client:     &acme.Client{DirectoryURL: f.directory, HTTPClient: hc},
 	}, nil
 }
