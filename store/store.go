@@ -100,6 +100,9 @@ func Open(dir string, o Options) (*pebble.DB, error) {
 			return nil, fmt.Errorf("%w %s: %w", ErrOpen, dir, err)
 		}
 	}
+	if o.FS == nil {
+		o.FS = faultFS(dir)
+	}
 	opts := &pebble.Options{
 		FS:       o.FS,
 		ReadOnly: o.ReadOnly,
