@@ -44,6 +44,9 @@ func (s *Store) do(ctx context.Context, apply func(g *group) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	if s.failed.Load() {
+		return errFailed
+	}
 	o := &op{ctx: ctx, apply: apply, done: make(chan struct{})}
 	select {
 	case s.ops <- o:
@@ -117,6 +120,17 @@ func (s *Store) run() {
 	}
 }
 
+// errFailed is the error of every mutation after a fatal commit error.
+var errFailed = storageErr("commit", errors.New("an earlier commit failed fatally; the node must restart"))
+
+// commitBatch commits b with fsync. A fatal Pebble error (a failed WAL
+// write or sync: Pebble's Fatalf, which store's logger turns into a
+// *store.FatalError panic) comes back as an error.
+func (s *Store) commitBatch(b *pebble.Batch) (err error) {
+	defer store.RecoverFatal(&err)
+	return s.o.commit(b, pebble.Sync)
+}
+
 // rejectQueued answers every queued op with ErrClosed.
 func (s *Store) rejectQueued() {
 	for {
@@ -134,6 +148,14 @@ func (s *Store) rejectQueued() {
 // commitGroup applies ops (and the next fan-out chunk) into one batch,
 // commits it, and answers them. It reports whether it committed anything.
 func (s *Store) commitGroup(ops []*op) bool {
+	if s.failed.Load() {
+		for _, o := range ops {
+			if o.state.CompareAndSwap(opQueued, opClaimed) {
+				o.finish(errFailed)
+			}
+		}
+		return len(ops) > 0
+	}
 	g := s.newGroup()
 	defer g.b.Close()
 	g.expand() // first: ops of this group queue behind the job it works on
@@ -159,7 +181,7 @@ func (s *Store) commitGroup(ops []*op) bool {
 		// the last commit (see view.go), so nothing a reader sees may be
 		// lost in a crash.
 		start := time.Now()
-		g.err = s.o.commit(g.b, pebble.Sync)
+		g.err = s.commitBatch(g.b)
 		s.m.commitSync.Observe(time.Since(start).Seconds())
 		s.m.groupOps.Observe(float64(len(applied)))
 	}
@@ -167,6 +189,12 @@ func (s *Store) commitGroup(ops []*op) bool {
 	s.m.fanPending.Set(float64(s.fan.pendingEntries()))
 	if g.err != nil {
 		s.o.Logger.Error("inbox: commit failed", "ops", len(applied), "err", g.err)
+		if errors.Is(g.err, store.ErrFatal) && s.failed.CompareAndSwap(false, true) {
+			s.o.Logger.Error("inbox: storage failed fatally; refusing every write from now on")
+			if s.o.OnFatal != nil {
+				s.o.OnFatal(g.err)
+			}
+		}
 		err := storageErr("commit", g.err)
 		for _, o := range applied {
 			o.finish(err)

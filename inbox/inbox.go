@@ -136,6 +136,12 @@ type Options struct {
 	OnAppend func(devs []wire.DeviceAddr)
 	// Registerer receives the store's metrics; nil means no metrics.
 	Registerer prometheus.Registerer
+	// OnFatal is called once, on the committer, when a commit fails in a
+	// way Pebble cannot go on from (store.ErrFatal: a WAL write or fsync
+	// failed). From then on every mutation fails with ErrStorage; readers
+	// keep seeing the last synced state. The owner should stop the process
+	// (ferryd exits non-zero). nil means no callback.
+	OnFatal func(err error)
 	// Logger gets commit failures and sweep results (ids and counts only,
 	// never content); nil means slog.Default().
 	Logger *slog.Logger
@@ -200,6 +206,10 @@ type Store struct {
 
 	cur atomic.Pointer[view] // what readers see: the state after the last (synced) commit
 
+	// failed is set by the committer after a fatal commit error: the
+	// database may hold unsynced writes, so no mutation runs again.
+	failed atomic.Bool
+
 	// shutdown
 	quit      chan struct{} // closed by Close
 	stopped   chan struct{} // closed when the committer has exited
@@ -216,7 +226,7 @@ func New(db *pebble.DB, o Options) (*Store, error) {
 		return nil, errors.New("inbox: nil db")
 	}
 	o = o.withDefaults()
-	m, err := newMetrics(o.Registerer)
+	m, err := newMetrics(o.Registerer, o.Now)
 	if err != nil {
 		return nil, fmt.Errorf("inbox: metrics: %w", err)
 	}

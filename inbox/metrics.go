@@ -2,6 +2,8 @@ package inbox
 
 import (
 	"errors"
+	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -21,14 +23,31 @@ type metrics struct {
 	fanEntries    prometheus.Counter
 	fanPending    prometheus.Gauge
 
+	// sampled by each expiry sweep (expire.go), not computed on scrape
+	depthEntries, depthBytes, depthMax prometheus.Gauge
+	oldestMs                           atomic.Int64 // server time of the oldest live entry (0: none)
+	oldestAge                          prometheus.GaugeFunc
+
 	// children of the vectors, resolved once
 	commitSync                prometheus.Observer
 	rejectedFull, rejectedDup prometheus.Counter
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, now func() time.Time) (*metrics, error) {
 	const ns, sub = "ferry", "inbox"
 	m := &metrics{
+		depthEntries: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "entries",
+			Help: "Entries held in all inboxes, as of the last expiry sweep.",
+		}),
+		depthBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "bytes",
+			Help: "Bytes held in all inboxes (as quotas count them), as of the last expiry sweep.",
+		}),
+		depthMax: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "max_device_depth",
+			Help: "Entries in the deepest single device inbox, as of the last expiry sweep.",
+		}),
 		groupOps: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: ns, Subsystem: sub, Name: "commit_group_ops",
 			Help:    "Ops applied in one commit group (one Pebble batch).",
@@ -76,6 +95,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Entries queued fan-out jobs have still to write.",
 		}),
 	}
+	m.oldestAge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: ns, Subsystem: sub, Name: "oldest_entry_age_seconds",
+		Help: "Age of the oldest live inbox entry found by the last expiry sweep (0: none).",
+	}, func() float64 {
+		t := m.oldestMs.Load()
+		if t == 0 {
+			return 0
+		}
+		return max(0, float64(now().UnixMilli()-t)/1000)
+	})
 	m.commitSync = m.commitSeconds.WithLabelValues("true")
 	m.rejectedFull = m.rejected.WithLabelValues("inbox_full")
 	m.rejectedDup = m.rejected.WithLabelValues("duplicate")
@@ -83,7 +112,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return m, nil
 	}
 	var errs []error
-	for _, c := range []prometheus.Collector{m.groupOps, m.commitSeconds, m.appended, m.acked, m.expired, m.rejected, m.bodiesStored, m.bodiesDeleted, m.fanQueued, m.fanEntries, m.fanPending} {
+	for _, c := range []prometheus.Collector{m.groupOps, m.commitSeconds, m.appended, m.acked, m.expired, m.rejected, m.bodiesStored, m.bodiesDeleted, m.fanQueued, m.fanEntries, m.fanPending,
+		m.depthEntries, m.depthBytes, m.depthMax, m.oldestAge} {
 		errs = append(errs, reg.Register(c))
 	}
 	return m, errors.Join(errs...)

@@ -127,6 +127,11 @@ func NewDispatcher(cfg Config, regs Registrations, providers map[wirepb.PushKind
 		ctx:   ctx, cancel: cancel,
 		last: make(map[wire.DeviceAddr]time.Time),
 	}
+	for k := range providers {
+		// Exported at 0 from the start, so a rate() alert sees the series
+		// before the first push.
+		d.m.sent.WithLabelValues(KindName(k))
+	}
 	d.wg.Add(cfg.Workers + 1)
 	for range cfg.Workers {
 		go d.worker()

@@ -37,7 +37,7 @@ type conn struct {
 	remote string
 	ctx    context.Context // canceled when the connection is closing
 	cancel context.CancelFunc
-	out    chan []byte   // encoded frames for writeLoop; bounded
+	out    chan outFrame // encoded frames for writeLoop; bounded
 	wakeCh chan struct{} // capacity 1: "the inbox may have changed"
 
 	// owned by the reader
@@ -84,7 +84,7 @@ func newConn(s *Server, ws *websocket.Conn, remote string) *conn {
 		remote:     remote,
 		ctx:        ctx,
 		cancel:     cancel,
-		out:        make(chan []byte, s.cfg.DeliveryWindow+s.cfg.MaxInflightRequests+8),
+		out:        make(chan outFrame, s.cfg.DeliveryWindow+s.cfg.MaxInflightRequests+8),
 		wakeCh:     make(chan struct{}, 1),
 		inflight:   make(map[uint64]delivered),
 		sem:        make(chan struct{}, s.cfg.MaxInflightRequests),
@@ -342,7 +342,7 @@ func (c *conn) pump() {
 				c.inflight[it.ID] = delivered{sender: e.Sender, senderDevice: e.SenderDevice, to: e.To,
 					seq: e.Seq, clientMsgID: e.ClientMsgId, typ: e.Type, groupID: e.GroupId}
 				c.mu.Unlock()
-				if !c.enqueue(envelopeFrame(it.Raw)) {
+				if !c.enqueueFrame(outFrame{b: envelopeFrame(it.Raw), envTimeMs: e.ServerTimeMs}) {
 					return
 				}
 				c.s.metrics.delivered.Inc()
@@ -376,11 +376,12 @@ func (c *conn) writeLoop() {
 	}
 	for {
 		select {
-		case b := <-c.out:
-			if err := c.write(b); err != nil {
+		case f := <-c.out:
+			if err := c.write(f.b); err != nil {
 				fail()
 				return
 			}
+			c.written(f)
 		case <-ping.C:
 			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(cfg.WriteTimeout)); err != nil {
 				fail()
@@ -390,11 +391,12 @@ func (c *conn) writeLoop() {
 			// Everything owed is queued by now: write it, then the close frame.
 			for {
 				select {
-				case b := <-c.out:
-					if c.write(b) != nil {
+				case f := <-c.out:
+					if c.write(f.b) != nil {
 						fail()
 						return
 					}
+					c.written(f)
 					continue
 				default:
 				}
@@ -403,6 +405,20 @@ func (c *conn) writeLoop() {
 			c.closeSocketNow()
 			return
 		}
+	}
+}
+
+// outFrame is one encoded frame for the writer. An envelope carries its
+// server time, so the writer can observe send→deliver latency.
+type outFrame struct {
+	b         []byte
+	envTimeMs int64 // the envelope's server time (0: not an envelope)
+}
+
+// written is called after f went out on the socket.
+func (c *conn) written(f outFrame) {
+	if f.envTimeMs != 0 {
+		c.s.metrics.sendDeliver.Observe(max(0, float64(nowMs()-f.envTimeMs)/1000))
 	}
 }
 
@@ -416,9 +432,11 @@ func (c *conn) write(b []byte) error {
 // enqueue queues an encoded frame for the writer. If the queue stays full
 // for WriteTimeout the client is not reading: it is disconnected as a slow
 // consumer (everything it missed is still in its inbox).
-func (c *conn) enqueue(b []byte) bool {
+func (c *conn) enqueue(b []byte) bool { return c.enqueueFrame(outFrame{b: b}) }
+
+func (c *conn) enqueueFrame(f outFrame) bool {
 	select {
-	case c.out <- b:
+	case c.out <- f:
 		return true
 	case <-c.writerDone:
 		return false
@@ -427,7 +445,7 @@ func (c *conn) enqueue(b []byte) bool {
 	t := time.NewTimer(c.s.cfg.WriteTimeout)
 	defer t.Stop()
 	select {
-	case c.out <- b:
+	case c.out <- f:
 		return true
 	case <-c.writerDone:
 		return false
@@ -442,7 +460,7 @@ func (c *conn) enqueue(b []byte) bool {
 // reports whether it did.
 func (c *conn) tryEnqueue(b []byte) bool {
 	select {
-	case c.out <- b:
+	case c.out <- outFrame{b: b}:
 		return true
 	default:
 		return false

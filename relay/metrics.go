@@ -5,16 +5,18 @@ import (
 )
 
 type metrics struct {
-	conns      prometheus.Gauge
-	authed     prometheus.Gauge
-	requests   *prometheus.CounterVec // by request type and result code
-	rejected   *prometheus.CounterVec // by reason
-	closes     *prometheus.CounterVec // by close code name
-	sendAck    prometheus.Histogram   // Send received -> ✓ written to the queue
-	delivered  prometheus.Counter
-	acked      prometheus.Counter
-	receipts   prometheus.Counter
-	queueEmpty prometheus.Counter
+	conns    prometheus.Gauge
+	authed   prometheus.Gauge
+	requests *prometheus.CounterVec // by request type and result code
+	rejected *prometheus.CounterVec // by reason
+	closes   *prometheus.CounterVec // by close code name
+	sendAck  prometheus.Histogram   // Send received -> ✓ written to the queue
+	// envelope server time -> written to the recipient's socket
+	sendDeliver prometheus.Histogram
+	delivered   prometheus.Counter
+	acked       prometheus.Counter
+	receipts    prometheus.Counter
+	queueEmpty  prometheus.Counter
 
 	groupUpdates prometheus.Counter   // GROUP_UPDATE entries stored
 	groupFanout  prometheus.Histogram // recipient devices per group message
@@ -38,6 +40,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		sendAck: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "ferry_relay_send_ack_seconds",
 			Help:    "Time from a Send frame read to its ✓ response queued (includes the synced commit).",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		sendDeliver: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "ferry_relay_send_deliver_seconds",
+			Help: "Time from an envelope's server time (its commit) to its write on a recipient's socket. " +
+				"Includes the time a recipient was offline and redeliveries: watch the low buckets.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 21)}), // 1ms .. ~17min
 		delivered: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_envelopes_delivered_total",
 			Help: "Envelopes written to device connections (redeliveries included)."}),
 		acked: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_envelopes_acked_total",
@@ -58,7 +64,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Typing events to connected recipient devices: queued, or dropped on a full queue."}, []string{"result"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.conns, m.authed, m.requests, m.rejected, m.closes, m.sendAck,
+		reg.MustRegister(m.conns, m.authed, m.requests, m.rejected, m.closes, m.sendAck, m.sendDeliver,
 			m.delivered, m.acked, m.receipts, m.queueEmpty, m.groupUpdates, m.groupFanout, m.groupSendAck, m.typing)
 	}
 	return m

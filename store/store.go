@@ -50,7 +50,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"slices"
+	"strings"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -76,6 +78,11 @@ const (
 // ErrOpen wraps every failure to open the database.
 var ErrOpen = errors.New("store: open")
 
+// ErrDamaged wraps an open failure that means the files are damaged or
+// missing (Pebble's corruption errors, a table file the MANIFEST names but
+// the directory lacks), as opposed to a permission or lock problem.
+var ErrDamaged = errors.New("store: damaged (restore the data directory from a backup; do not start on it again as is)")
+
 // Options for Open. The zero value opens dir on the real disk.
 type Options struct {
 	// FS is the file system; nil means the OS disk. Tests pass vfs.NewMem().
@@ -93,6 +100,9 @@ func Open(dir string, o Options) (*pebble.DB, error) {
 			return nil, fmt.Errorf("%w %s: %w", ErrOpen, dir, err)
 		}
 	}
+	if o.FS == nil {
+		o.FS = faultFS(dir)
+	}
 	opts := &pebble.Options{
 		FS:       o.FS,
 		ReadOnly: o.ReadOnly,
@@ -100,9 +110,21 @@ func Open(dir string, o Options) (*pebble.DB, error) {
 	}
 	db, err := pebble.Open(dir, opts)
 	if err != nil {
+		if pebble.IsCorruptionError(err) || errors.Is(err, os.ErrNotExist) && !missingDir(o.FS, dir) {
+			return nil, fmt.Errorf("%w %s: %w: %w", ErrOpen, dir, ErrDamaged, err)
+		}
 		return nil, fmt.Errorf("%w %s: %w", ErrOpen, dir, err)
 	}
 	return db, nil
+}
+
+// missingDir reports whether dir itself does not exist (not damage).
+func missingDir(fs vfs.FS, dir string) bool {
+	if fs == nil {
+		fs = vfs.Default
+	}
+	_, err := fs.Stat(dir)
+	return errors.Is(err, os.ErrNotExist)
 }
 
 // OpenMem opens an in-memory database for tests.
@@ -123,6 +145,43 @@ func DeviceKey(dst []byte, username string, device uint32) []byte {
 	return append(dst, byte(device>>24), byte(device>>16), byte(device>>8), byte(device))
 }
 
+// FatalError is what Pebble reports through its logger's Fatalf: a state it
+// cannot go on from. The one a server meets is "fatal commit error", a WAL
+// write or fsync that failed (a failing disk, a full disk): the batch is
+// then in the memtable but not durable, and Pebble's commit pipeline may be
+// wedged. The quiet logger panics with a *FatalError; the inbox committer
+// recovers it into a retryable error for the ops of that commit (none of
+// them is acked) and stops accepting writes; ferryd then exits so a
+// supervisor restarts it and Pebble replays only what reached the WAL.
+// See docs/operations.md, "Storage faults".
+type FatalError struct{ Msg string }
+
+func (e *FatalError) Error() string { return e.Msg }
+
+// ErrFatal matches every *FatalError with errors.Is.
+var ErrFatal = errors.New("store: fatal storage error")
+
+// Is makes errors.Is(err, ErrFatal) true for a *FatalError.
+func (e *FatalError) Is(target error) bool { return target == ErrFatal }
+
+// RecoverFatal turns a recovered *FatalError panic into an error stored in
+// *err, and re-panics anything else. Use it as
+//
+//	defer store.RecoverFatal(&err)
+//
+// around a Pebble call that may fail fatally (a synced commit).
+func RecoverFatal(err *error) {
+	r := recover()
+	if r == nil {
+		return
+	}
+	if fe, ok := r.(*FatalError); ok {
+		*err = fe
+		return
+	}
+	panic(r)
+}
+
 // quietLogger keeps Pebble's informational chatter out of ferryd's logs
 // while still surfacing errors.
 type quietLogger struct{}
@@ -132,7 +191,12 @@ func (quietLogger) Errorf(format string, args ...any) {
 	slog.Error("pebble: " + fmt.Sprintf(format, args...))
 }
 func (quietLogger) Fatalf(format string, args ...any) {
-	panic(fmt.Sprintf("pebble: "+format, args...))
+	msg := fmt.Sprintf(format, args...)
+	if !strings.HasPrefix(msg, "pebble: ") {
+		msg = "pebble: " + msg
+	}
+	slog.Error(msg)
+	panic(&FatalError{Msg: msg})
 }
 
 // KV is one stored key and value.

@@ -31,12 +31,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/crypto/acme"
 	"golang.org/x/time/rate"
 )
 
 type config struct {
 	listen, data     string
 	tlsCert, tlsKey  string
+	acme             acmeFlags
 	insecure         bool
 	logLevel         string
 	maxMessageBytes  int
@@ -106,6 +108,11 @@ func main() {
 	fs.StringVar(&c.data, "data", "./data", "directory of the Pebble database")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "TLS certificate file (PEM)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS key file (PEM)")
+	fs.Var(&c.acme.domains, "acme-domain", "get a certificate for this host name automatically with ACME, TLS-ALPN-01 on the listener (repeatable; listen on :443)")
+	fs.StringVar(&c.acme.cache, "acme-cache", "", "directory keeping ACME account key and certificates (required with --acme-domain)")
+	fs.StringVar(&c.acme.email, "acme-email", "", "contact address for the ACME account (expiry notices)")
+	fs.StringVar(&c.acme.directory, "acme-directory", acme.LetsEncryptURL, "ACME directory URL (a staging or local ACME server for tests)")
+	fs.StringVar(&c.acme.caFile, "acme-ca-file", "", "PEM roots to trust for the ACME directory's HTTPS (a private or local ACME server; default: the system's)")
 	fs.BoolVar(&c.insecure, "insecure", false, "allow plain text on a non-loopback address")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.IntVar(&c.maxMessageBytes, "max-message-bytes", 262144, "largest ciphertext per device in a send")
@@ -180,25 +187,32 @@ func run(c config) error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	slog.SetDefault(log)
 
-	if (c.tlsCert == "") != (c.tlsKey == "") {
-		return errors.New("--tls-cert and --tls-key go together")
-	}
-	if c.tlsCert == "" && !c.insecure && !isLoopback(c.listen) {
-		return fmt.Errorf("refusing plain text on non-loopback address %s: give --tls-cert/--tls-key or --insecure", c.listen)
+	certs, err := transport(c)
+	if err != nil {
+		return err
 	}
 
 	db, err := store.Open(c.data, store.Options{})
 	if err != nil {
+		log.Error("ferryd: cannot open the store; refusing to serve", "data", c.data, "err", err)
 		return err
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		store.Collector(db))
+	fatal := make(chan error, 1) // the inbox's OnFatal: storage failed, exit
 
 	var srv *relay.Server
 	ib, err := inbox.New(db, inbox.Options{
 		TTL: c.inboxTTL, SweepInterval: c.inboxSweep, MaxDepth: c.inboxMaxDepth, MaxBytes: c.inboxMaxBytes,
 		FanoutInline: c.fanoutInline, FanoutChunk: c.fanoutChunk, MaxFanoutJobs: c.maxFanoutJobs,
-		OnAppend:   func(devs []wire.DeviceAddr) { srv.OnAppend(devs) },
+		OnAppend: func(devs []wire.DeviceAddr) { srv.OnAppend(devs) },
+		OnFatal: func(err error) {
+			select {
+			case fatal <- err:
+			default:
+			}
+		},
 		Registerer: reg, Logger: log,
 	})
 	if err != nil {
@@ -276,15 +290,16 @@ func run(c config) error {
 	}
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	errc := make(chan error, 1)
+	hs.TLSConfig = certs
 	go func() {
-		if c.tlsCert != "" {
+		if certs != nil {
 			errc <- hs.ServeTLS(ln, c.tlsCert, c.tlsKey)
 		} else {
 			errc <- hs.Serve(ln)
 		}
 	}()
 	scheme := "ws"
-	if c.tlsCert != "" {
+	if certs != nil {
 		scheme = "wss"
 	}
 	log.Info("ferryd: serving", "addr", ln.Addr().String(), "url", scheme+"://"+ln.Addr().String(), "data", c.data)
@@ -296,6 +311,18 @@ func run(c config) error {
 		log.Info("ferryd: stopping", "signal", s.String())
 	case err := <-errc:
 		log.Error("ferryd: listener failed", "err", err)
+	case err := <-fatal:
+		// A WAL write or fsync failed: Pebble holds a batch it could not
+		// make durable, so this process must not go on (docs/decisions.md,
+		// issue 10). Tell clients to reconnect, answer what is in flight
+		// (with UNAVAILABLE), and exit without closing the store: a
+		// restart replays the WAL, which holds only what was synced.
+		log.Error("ferryd: storage failed; exiting so a supervisor restarts the node", "err", err)
+		ctx, cancel := context.WithTimeout(context.Background(), min(c.shutdownTimeout, 5*time.Second))
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+		_ = hs.Shutdown(ctx)
+		return fmt.Errorf("storage failed: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.shutdownTimeout)
 	defer cancel()

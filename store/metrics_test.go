@@ -1,0 +1,46 @@
+package store
+
+import (
+	"testing"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+func TestCollector(t *testing.T) {
+	db, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	for i := range 3 {
+		if err := db.Set([]byte{'z', byte(i)}, []byte("v"), pebble.Sync); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(Collector(db))
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for _, mf := range mfs {
+		got[mf.GetName()] = true
+		if mf.GetName() == "ferry_store_wal_fsync_seconds" {
+			h := mf.GetMetric()[0].GetHistogram()
+			if h.GetSampleCount() < 3 {
+				t.Errorf("fsync samples = %d, want >= 3 (three synced writes)", h.GetSampleCount())
+			}
+			if n := len(h.GetBucket()); n < 5 || n > len(fsyncBounds) {
+				t.Errorf("fsync buckets = %d, want a handful (<= %d)", n, len(fsyncBounds))
+			}
+		}
+	}
+	for _, name := range []string{"ferry_store_wal_fsync_seconds", "ferry_store_compaction_debt_bytes",
+		"ferry_store_read_amplification", "ferry_store_disk_usage_bytes", "ferry_store_wal_bytes"} {
+		if !got[name] {
+			t.Errorf("%s not collected", name)
+		}
+	}
+}
