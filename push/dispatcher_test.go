@@ -128,8 +128,12 @@ func TestCoalescing(t *testing.T) {
 	if n := f.count(); n != 2 {
 		t.Errorf("%d pushes, want 2", n)
 	}
-	if s := testutil.ToFloat64(d.m.sent.WithLabelValues("unifiedpush")); s != 2 {
-		t.Errorf("sent %v, want 2", s)
+	// The fake has the request before the worker counts it: wait for the count.
+	for deadline := time.Now().Add(5 * time.Second); testutil.ToFloat64(d.m.sent.WithLabelValues("unifiedpush")) != 2; {
+		if time.Now().After(deadline) {
+			t.Fatalf("sent %v, want 2", testutil.ToFloat64(d.m.sent.WithLabelValues("unifiedpush")))
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 
