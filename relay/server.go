@@ -33,6 +33,9 @@ type Server struct {
 	presence *presence.Tracker
 	// typing indicators per device
 	typingLim *ratelimit.Keyed[wire.DeviceAddr]
+	sendLim   *ratelimit.Keyed[wire.DeviceAddr] // Send + GroupSend + SyncToDevice per device
+	regLim    *ratelimit.Keyed[string]          // Register per remote IP
+	ipConns   *ipConns                          // open connections per remote IP
 	metrics   *metrics
 	upgrader  websocket.Upgrader
 	log       *slog.Logger // ids only, never content, keys or signatures
@@ -57,6 +60,9 @@ func New(cfg Config, deps Deps) *Server {
 		presence: presence.NewTracker(deps.Presence, presence.Options{FlapWindow: cfg.PresenceFlapWindow,
 			MaxSubscriptions: cfg.MaxPresenceSubscriptions, Registerer: cfg.Registerer, Logger: cfg.Logger}),
 		typingLim: ratelimit.New[wire.DeviceAddr](cfg.TypingRate, cfg.TypingBurst, ratelimit.DefaultMax),
+		sendLim:   ratelimit.New[wire.DeviceAddr](cfg.SendRate, cfg.SendBurst, ratelimit.DefaultMax),
+		regLim:    ratelimit.New[string](cfg.RegisterRate, cfg.RegisterBurst, ratelimit.DefaultMax),
+		ipConns:   newIPConns(cfg.MaxConnsPerIP),
 		conns:     make(map[*conn]struct{}),
 		log:       cfg.Logger,
 	}
@@ -119,6 +125,12 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "server is shutting down", http.StatusServiceUnavailable)
 		return
 	}
+	ipKey := remoteKey(r.RemoteAddr)
+	if !s.ipConns.acquire(ipKey) {
+		s.refuseTooMany(w)
+		return
+	}
+	defer s.ipConns.release(ipKey)
 	ws, err := s.upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		s.metrics.rejected.WithLabelValues("upgrade").Inc()
