@@ -76,7 +76,9 @@ func TestBlackBoxCrashLoop(t *testing.T) {
 	if os.Getenv("FERRY_SOAK") != "" {
 		cycles = 200
 	}
-	srv := startServer(t, t.TempDir())
+	// Senders go as fast as the store lets them: the send rate limit is
+	// not what this test is about (limits_test.go).
+	srv := startServer(t, t.TempDir(), "--send-rate", "inf")
 	const pairs = 4
 	type pair struct{ s, r *crashDevice }
 	ps := make([]pair, pairs)
