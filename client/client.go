@@ -407,8 +407,28 @@ func (c *Client) sendOnce(ctx context.Context, conn *Conn, id, to string, conten
 
 // claim fetches bundles (all devices of account when ids is nil), builds
 // sessions and records the devices as known.
+// doPaced is conn.Do that waits out RATE_LIMITED answers (their
+// retry_after_ms) until ctx ends, for requests a client makes in bulk:
+// bundle claims and sender keys to every device of a group.
+func doPaced(ctx context.Context, conn *Conn, f *wirepb.ClientFrame) (*wirepb.Response, error) {
+	for {
+		r, err := conn.Do(ctx, f)
+		var we *wire.Error
+		if !errors.As(err, &we) || we.Code != wirepb.ErrorCode_RATE_LIMITED || we.RetryAfterMs == 0 {
+			return r, err
+		}
+		t := time.NewTimer(time.Duration(we.RetryAfterMs) * time.Millisecond)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		}
+	}
+}
+
 func (c *Client) claim(ctx context.Context, conn *Conn, account string, ids []uint32) error {
-	r, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_ClaimBundles{ClaimBundles: &wirepb.ClaimBundles{
+	r, err := doPaced(ctx, conn, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_ClaimBundles{ClaimBundles: &wirepb.ClaimBundles{
 		Username: account, DeviceIds: ids}}})
 	if err != nil {
 		return fmt.Errorf("client: fetch keys of %s: %w", account, err)
