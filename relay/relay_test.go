@@ -19,8 +19,8 @@ import (
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.mau.fi/libsignal/ecc"
 	"google.golang.org/protobuf/proto"
 )
