@@ -173,9 +173,16 @@ func (s *server) stop() {
 // the exit code.
 func ferry(t *testing.T, home string, args ...string) (string, string, int) {
 	t.Helper()
+	return ferryStdin(t, home, "", args...)
+}
+
+// ferryStdin is ferry with stdin as the CLI's standard input.
+func ferryStdin(t *testing.T, home, stdin string, args ...string) (string, string, int) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferry"), append([]string{"--home", home}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
