@@ -24,11 +24,14 @@ const (
 	limitInboxQuota      = "inbox_quota" // INBOX_FULL: depth or bytes of a recipient device
 	limitGroupSize       = "group_size"  // GROUP_FULL
 	limitTypingRate      = "typing_rate"
+	limitDevices         = "devices_per_account"    // TOO_MANY_DEVICES
+	limitPrekeys         = "prekeys"                // TOO_MANY_PREKEYS: per upload or stored
+	limitPresenceSubs    = "presence_subscriptions" // TOO_MANY_SUBSCRIPTIONS
 )
 
 var allLimits = []string{limitFrameSize, limitMessageSize, limitSendRate, limitClaimRate,
 	limitRegisterRate, limitLinkStartRate, limitLinkAttemptRate, limitConnsPerIP,
-	limitInboxQuota, limitGroupSize, limitTypingRate}
+	limitInboxQuota, limitGroupSize, limitTypingRate, limitDevices, limitPrekeys, limitPresenceSubs}
 
 func newLimitMetric(reg prometheus.Registerer) *prometheus.CounterVec {
 	v := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_relay_limit_rejections_total",
@@ -54,6 +57,12 @@ func limitOf(kind string, code wirepb.ErrorCode) string {
 		return limitInboxQuota
 	case wirepb.ErrorCode_GROUP_FULL:
 		return limitGroupSize
+	case wirepb.ErrorCode_TOO_MANY_DEVICES:
+		return limitDevices
+	case wirepb.ErrorCode_TOO_MANY_PREKEYS:
+		return limitPrekeys
+	case wirepb.ErrorCode_TOO_MANY_SUBSCRIPTIONS:
+		return limitPresenceSubs
 	case wirepb.ErrorCode_RATE_LIMITED:
 		switch kind {
 		case "send", "group_send", "sync_to_device":

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"testing"
 	"time"
 
@@ -320,5 +321,44 @@ func TestSendLimitRefills(t *testing.T) {
 			t.Fatalf("send after retry_after_ms: %v", err)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestLimitOf: the limit label of an error answer, from its code and the
+// request kind; errors that are not limits have none.
+func TestLimitOf(t *testing.T) {
+	tests := []struct {
+		kind string
+		code wirepb.ErrorCode
+		want string
+	}{
+		{"invalid", wirepb.ErrorCode_FRAME_TOO_LARGE, limitFrameSize},
+		{"send", wirepb.ErrorCode_MESSAGE_TOO_LARGE, limitMessageSize},
+		{"sync_to_device", wirepb.ErrorCode_MESSAGE_TOO_LARGE, limitMessageSize},
+		{"send", wirepb.ErrorCode_RATE_LIMITED, limitSendRate},
+		{"group_send", wirepb.ErrorCode_RATE_LIMITED, limitSendRate},
+		{"sync_to_device", wirepb.ErrorCode_RATE_LIMITED, limitSendRate},
+		{"claim_bundles", wirepb.ErrorCode_RATE_LIMITED, limitClaimRate},
+		{"register", wirepb.ErrorCode_RATE_LIMITED, limitRegisterRate},
+		{"link_start", wirepb.ErrorCode_RATE_LIMITED, limitLinkStartRate},
+		{"get_link", wirepb.ErrorCode_RATE_LIMITED, limitLinkAttemptRate},
+		{"approve_link", wirepb.ErrorCode_RATE_LIMITED, limitLinkAttemptRate},
+		{"typing", wirepb.ErrorCode_RATE_LIMITED, limitTypingRate},
+		{"send", wirepb.ErrorCode_INBOX_FULL, limitInboxQuota},
+		{"group_create", wirepb.ErrorCode_GROUP_FULL, limitGroupSize},
+		{"approve_link", wirepb.ErrorCode_TOO_MANY_DEVICES, limitDevices},
+		{"upload_keys", wirepb.ErrorCode_TOO_MANY_PREKEYS, limitPrekeys},
+		{"subscribe_presence", wirepb.ErrorCode_TOO_MANY_SUBSCRIPTIONS, limitPresenceSubs},
+		{"send", wirepb.ErrorCode_DEVICE_MISMATCH, ""},
+		{"auth", wirepb.ErrorCode_AUTH_FAILED, ""},
+		{"unknown", wirepb.ErrorCode_RATE_LIMITED, ""},
+	}
+	for _, tc := range tests {
+		if got := limitOf(tc.kind, tc.code); got != tc.want {
+			t.Errorf("limitOf(%s, %v) = %q, want %q", tc.kind, tc.code, got, tc.want)
+		}
+		if tc.want != "" && !slices.Contains(allLimits, tc.want) {
+			t.Errorf("%q is not in allLimits", tc.want)
+		}
 	}
 }
