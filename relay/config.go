@@ -69,6 +69,12 @@ type Config struct {
 	MaxConnsPerIP int
 	// ConnRetryAfter is the Retry-After of that 429 answer. 0 = 5s.
 	ConnRetryAfter time.Duration
+	// ConnRate and ConnBurst limit new WebSocket upgrades per remote IP (per
+	// /64 for IPv6), so a client that is closed cannot come straight back
+	// in a loop; over it the upgrade is answered HTTP 429 with Retry-After
+	// (the bucket's wait). 0 = 50 per second, burst 500; rate.Inf = no limit.
+	ConnRate  rate.Limit
+	ConnBurst int
 	// PresenceFlapWindow: an account that goes offline and is back within
 	// this window makes no presence event. 0 = 2s; negative = no
 	// coalescing.
@@ -115,6 +121,10 @@ func (c *Config) setDefaults() {
 	def(&c.RegisterBurst, 20)
 	if c.MaxConnsPerIP == 0 {
 		c.MaxConnsPerIP = 1024 // negative: no limit
+	}
+	def(&c.ConnBurst, 500)
+	if c.ConnRate <= 0 {
+		c.ConnRate = 50
 	}
 	if c.SendRate <= 0 {
 		c.SendRate = 50

@@ -21,8 +21,9 @@ const (
 	limitLinkStartRate   = "link_start_rate"   // LinkStart per remote IP, pending link codes
 	limitLinkAttemptRate = "link_attempt_rate" // GetLink + ApproveLink per device
 	limitConnsPerIP      = "connections_per_ip"
-	limitInboxQuota      = "inbox_quota" // INBOX_FULL: depth or bytes of a recipient device
-	limitGroupSize       = "group_size"  // GROUP_FULL
+	limitConnRate        = "connection_rate" // new connections per IP
+	limitInboxQuota      = "inbox_quota"     // INBOX_FULL: depth or bytes of a recipient device
+	limitGroupSize       = "group_size"      // GROUP_FULL
 	limitTypingRate      = "typing_rate"
 	limitDevices         = "devices_per_account"    // TOO_MANY_DEVICES
 	limitPrekeys         = "prekeys"                // TOO_MANY_PREKEYS: per upload or stored
@@ -30,7 +31,7 @@ const (
 )
 
 var allLimits = []string{limitFrameSize, limitMessageSize, limitSendRate, limitClaimRate,
-	limitRegisterRate, limitLinkStartRate, limitLinkAttemptRate, limitConnsPerIP,
+	limitRegisterRate, limitLinkStartRate, limitLinkAttemptRate, limitConnsPerIP, limitConnRate,
 	limitInboxQuota, limitGroupSize, limitTypingRate, limitDevices, limitPrekeys, limitPresenceSubs}
 
 func newLimitMetric(reg prometheus.Registerer) *prometheus.CounterVec {
@@ -134,12 +135,16 @@ func (p *ipConns) release(key string) {
 	}
 }
 
-// refuseTooMany answers an upgrade over the per-IP connection limit: HTTP
-// 429 with Retry-After, before any WebSocket handshake.
-func (s *Server) refuseTooMany(w http.ResponseWriter) {
-	s.metrics.rejected.WithLabelValues("connections_per_ip").Inc()
-	s.metrics.limits.WithLabelValues(limitConnsPerIP).Inc()
-	secs := int((s.cfg.ConnRetryAfter + time.Second - 1) / time.Second)
-	w.Header().Set("Retry-After", strconv.Itoa(max(secs, 1)))
+// refuseTooMany answers an upgrade over a per-IP connection limit: HTTP
+// 429 with Retry-After (whole seconds, at least 1), before any WebSocket
+// handshake.
+func (s *Server) refuseTooMany(w http.ResponseWriter, limit string, wait time.Duration) {
+	s.metrics.rejected.WithLabelValues(limit).Inc()
+	s.metrics.limits.WithLabelValues(limit).Inc()
+	secs := int64(3600)
+	if wait < time.Hour {
+		secs = int64((wait + time.Second - 1) / time.Second)
+	}
+	w.Header().Set("Retry-After", strconv.FormatInt(max(secs, 1), 10))
 	http.Error(w, "too many connections from this address", http.StatusTooManyRequests)
 }

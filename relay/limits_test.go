@@ -286,6 +286,24 @@ func TestConnectionsPerIP(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond) // the server's side of the close is not observable from here
 	}
+	// New connections per IP are limited too: the bucket refills at
+	// ConnRate, and the 429 says how long until it does.
+	r := newEnv(t, Config{ConnRate: rate.Every(time.Hour), ConnBurst: 2})
+	for range 2 {
+		c, err := r.dialFrom("10.2.2.2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close() // closing does not give the token back
+	}
+	_, err = r.dialFrom("10.2.2.2")
+	if !errors.As(err, &de) || de.StatusCode != http.StatusTooManyRequests || de.RetryAfter < time.Hour-time.Second {
+		t.Fatalf("third new connection from one address: %v (%+v)", err, de)
+	}
+	if n := testutil.ToFloat64(r.srv.metrics.limits.WithLabelValues(limitConnRate)); n != 1 {
+		t.Fatalf("connection_rate rejections = %v", n)
+	}
+	othersUnaffected(t, r)
 	// IPv6 addresses count per /64.
 	if k1, k2 := remoteKey("[2001:db8::1]:1"), remoteKey("[2001:db8::2]:2"); k1 != k2 {
 		t.Fatalf("one /64, two keys: %s %s", k1, k2)

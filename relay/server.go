@@ -36,6 +36,7 @@ type Server struct {
 	sendLim   *ratelimit.Keyed[wire.DeviceAddr] // Send + GroupSend + SyncToDevice per device
 	regLim    *ratelimit.Keyed[string]          // Register per remote IP
 	ipConns   *ipConns                          // open connections per remote IP
+	connLim   *ratelimit.Keyed[string]          // new connections per remote IP
 	metrics   *metrics
 	upgrader  websocket.Upgrader
 	log       *slog.Logger // ids only, never content, keys or signatures
@@ -63,6 +64,7 @@ func New(cfg Config, deps Deps) *Server {
 		sendLim:   ratelimit.New[wire.DeviceAddr](cfg.SendRate, cfg.SendBurst, ratelimit.DefaultMax),
 		regLim:    ratelimit.New[string](cfg.RegisterRate, cfg.RegisterBurst, ratelimit.DefaultMax),
 		ipConns:   newIPConns(cfg.MaxConnsPerIP),
+		connLim:   ratelimit.New[string](cfg.ConnRate, cfg.ConnBurst, ratelimit.DefaultMax),
 		conns:     make(map[*conn]struct{}),
 		log:       cfg.Logger,
 	}
@@ -126,8 +128,12 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ipKey := remoteKey(r.RemoteAddr)
+	if d := s.connLim.Take(ipKey, time.Now()); d > 0 {
+		s.refuseTooMany(w, limitConnRate, d)
+		return
+	}
 	if !s.ipConns.acquire(ipKey) {
-		s.refuseTooMany(w)
+		s.refuseTooMany(w, limitConnsPerIP, s.cfg.ConnRetryAfter)
 		return
 	}
 	defer s.ipConns.release(ipKey)

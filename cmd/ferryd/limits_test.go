@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -48,6 +49,7 @@ func TestBlackBoxMessageSizeAndStdin(t *testing.T) {
 type floodStats struct {
 	sends, rateLimited, otherSendErr atomic.Int64
 	frameTooLarge, badRequest        atomic.Int64
+	refused                          atomic.Int64 // upgrades answered 429 (new connections per IP)
 	mu                               sync.Mutex
 	closes                           map[int]int // close code -> connections closed with it
 }
@@ -67,11 +69,16 @@ func (s *floodStats) closed(err error) {
 // as it can until the server closes it, then opens another, until ctx ends.
 // A reader per socket counts the typed errors and the close code.
 func rawFlood(ctx context.Context, srv *server, st *floodStats, frame func(n int) []byte) {
-	for n := 0; ctx.Err() == nil; n++ {
-		ws, _, err := websocket.DefaultDialer.DialContext(ctx, srv.url()+wire.Path, nil)
+	for n := 0; ctx.Err() == nil; {
+		ws, resp, err := websocket.DefaultDialer.DialContext(ctx, srv.url()+wire.Path, nil)
 		if err != nil {
+			if resp != nil && resp.StatusCode == http.StatusTooManyRequests {
+				st.refused.Add(1)
+			}
+			time.Sleep(time.Millisecond) // a flooder ignores Retry-After; this only keeps the test's own loop from spinning
 			continue
 		}
+		n++
 		stop := context.AfterFunc(ctx, func() { ws.Close() })
 		done := make(chan struct{})
 		go func() {
@@ -165,8 +172,9 @@ func ackAll(ctx context.Context, c *client.Conn, arrived chan<- string) {
 // message at a time and measures send→deliver. The second client's
 // messages are all accepted and delivered, during the flood as without
 // it; the flooder is answered with typed errors (RATE_LIMITED,
-// FRAME_TOO_LARGE, BAD_REQUEST) and its sockets are closed with named
-// codes (4xxx "too many bad frames", 1009 over 4x the frame limit). The
+// FRAME_TOO_LARGE, BAD_REQUEST), its sockets are closed with named codes
+// (4000 "too many bad frames", 1009 over 4x the frame limit) and its
+// reconnects are refused with HTTP 429 (new connections per IP). The
 // latencies are logged (docs/performance.md), not asserted.
 func TestBlackBoxFlood(t *testing.T) {
 	const (
@@ -174,7 +182,7 @@ func TestBlackBoxFlood(t *testing.T) {
 		maxFrame = 64 << 10
 	)
 	srv := startServer(t, t.TempDir(), "--send-rate", fmt.Sprint(sendRate), "--send-burst", fmt.Sprint(sendRate),
-		"--max-frame-bytes", fmt.Sprint(maxFrame))
+		"--max-frame-bytes", fmt.Sprint(maxFrame), "--conn-rate", "20", "--conn-burst", "40")
 	victim, peer := newCrashDevice(t, srv, "victim"), newCrashDevice(t, srv, "peer")
 	flooder, sink := newCrashDevice(t, srv, "flooder"), newCrashDevice(t, srv, "sink")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -241,10 +249,10 @@ func TestBlackBoxFlood(t *testing.T) {
 		}
 		sw.Wait()
 	}()
-	go func() { // oversized frames: typed errors, and every 8th socket one over 4x the limit
+	go func() { // oversized frames: typed errors, and on every 4th socket one over 4x the limit
 		defer wg.Done()
 		rawFlood(floodCtx, srv, st, func(n int) []byte {
-			if n%8 == 7 {
+			if n%4 == 1 { // the first socket, and every 4th after it
 				return make([]byte, 4*maxFrame+1)
 			}
 			return make([]byte, maxFrame+1)
@@ -272,14 +280,17 @@ func TestBlackBoxFlood(t *testing.T) {
 	st.mu.Unlock()
 	t.Logf("send→deliver without flood: %s", latencySummary(quiet))
 	t.Logf("send→deliver during flood:  %s", latencySummary(flooded))
-	t.Logf("flooder: %d sends in %v (%.0f/s against a limit of %d/s; %d RATE_LIMITED, %d other errors), %d FRAME_TOO_LARGE, %d BAD_REQUEST, closes by code %v",
+	t.Logf("flooder: %d sends in %v (%.0f/s against a limit of %d/s; %d RATE_LIMITED, %d other errors), %d FRAME_TOO_LARGE, %d BAD_REQUEST, %d upgrades refused (429), closes by code %v",
 		st.sends.Load(), floodTime.Round(time.Millisecond), float64(st.sends.Load())/floodTime.Seconds(), sendRate,
-		st.rateLimited.Load(), st.otherSendErr.Load(), st.frameTooLarge.Load(), st.badRequest.Load(), closes)
+		st.rateLimited.Load(), st.otherSendErr.Load(), st.frameTooLarge.Load(), st.badRequest.Load(), st.refused.Load(), closes)
 	if st.rateLimited.Load() == 0 || st.otherSendErr.Load() != 0 {
 		t.Errorf("flooding sends: %d RATE_LIMITED, %d other errors", st.rateLimited.Load(), st.otherSendErr.Load())
 	}
 	if st.frameTooLarge.Load() == 0 || st.badRequest.Load() == 0 {
 		t.Errorf("flooding frames: %d FRAME_TOO_LARGE, %d BAD_REQUEST", st.frameTooLarge.Load(), st.badRequest.Load())
+	}
+	if st.refused.Load() == 0 {
+		t.Errorf("the flooder's reconnects were never refused (--conn-rate)")
 	}
 	if closes[wire.CloseProtocolError] == 0 || closes[websocket.CloseMessageTooBig] == 0 {
 		t.Errorf("flooding sockets closed with %v, want %d (too many bad frames) and %d (frame too large)",

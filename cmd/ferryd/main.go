@@ -103,6 +103,8 @@ type limitFlags struct {
 	registerRate  float64
 	registerBurst int
 	connsPerIP    int
+	connRate      float64
+	connBurst     int
 }
 
 type stringList []string
@@ -152,6 +154,8 @@ func main() {
 	fs.Float64Var(&l.registerRate, "register-rate", 10, "registrations per minute per remote IP, /64 for IPv6 (inf: no limit)")
 	fs.IntVar(&l.registerBurst, "register-burst", 20, "registration burst per remote IP")
 	fs.IntVar(&l.connsPerIP, "max-conns-per-ip", 1024, "open WebSocket connections per remote IP, /64 for IPv6; over it HTTP 429 (0: no limit; behind a proxy every client has its address)")
+	fs.Float64Var(&l.connRate, "conn-rate", 50, "new WebSocket connections per second per remote IP, /64 for IPv6; over it HTTP 429 (inf: no limit)")
+	fs.IntVar(&l.connBurst, "conn-burst", 500, "new connection burst per remote IP")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 15*time.Second, "how long SIGTERM waits for in-flight work")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve /debug/pprof/ (profiles; keep off in production listeners)")
 	fs.DurationVar(&c.flapWindow, "presence-flap-window", 2*time.Second, "offline then online within this makes no presence event (0: no coalescing)")
@@ -260,6 +264,7 @@ func run(c config) error {
 		SendRate: perSecond(c.limits.sendRate), SendBurst: c.limits.sendBurst,
 		RegisterRate: perMinute(c.limits.registerRate), RegisterBurst: c.limits.registerBurst,
 		MaxConnsPerIP: connsPerIP(c.limits.connsPerIP),
+		ConnRate:      perSecond(c.limits.connRate), ConnBurst: c.limits.connBurst,
 	}, relay.Deps{
 		Accounts: accounts,
 		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
