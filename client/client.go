@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -289,7 +290,7 @@ func (c *Client) SendWithID(ctx context.Context, id, to, text string) (Sent, err
 				if !retryable(err) || ctx.Err() != nil {
 					return Sent{}, err
 				}
-				if bo.Wait(ctx) != nil {
+				if waitRetryAfter(ctx, err, &bo) != nil {
 					return Sent{}, err
 				}
 				continue
@@ -407,8 +408,46 @@ func (c *Client) sendOnce(ctx context.Context, conn *Conn, id, to string, conten
 
 // claim fetches bundles (all devices of account when ids is nil), builds
 // sessions and records the devices as known.
+// waitRetryAfter waits as long as a refused dial's Retry-After says (429:
+// too many connections from this address; 503: draining), else the next
+// backoff step.
+func waitRetryAfter(ctx context.Context, err error, bo *Backoff) error {
+	var de *DialError
+	if !errors.As(err, &de) || de.RetryAfter <= 0 {
+		return bo.Wait(ctx)
+	}
+	t := time.NewTimer(de.RetryAfter + mrand.N(de.RetryAfter/4+1)) // jitter: not all back at once
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// doPaced is conn.Do that waits out RATE_LIMITED answers (their
+// retry_after_ms) until ctx ends, for requests a client makes in bulk:
+// bundle claims and sender keys to every device of a group.
+func doPaced(ctx context.Context, conn *Conn, f *wirepb.ClientFrame) (*wirepb.Response, error) {
+	for {
+		r, err := conn.Do(ctx, f)
+		var we *wire.Error
+		if !errors.As(err, &we) || we.Code != wirepb.ErrorCode_RATE_LIMITED || we.RetryAfterMs == 0 {
+			return r, err
+		}
+		t := time.NewTimer(time.Duration(we.RetryAfterMs) * time.Millisecond)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		}
+	}
+}
+
 func (c *Client) claim(ctx context.Context, conn *Conn, account string, ids []uint32) error {
-	r, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_ClaimBundles{ClaimBundles: &wirepb.ClaimBundles{
+	r, err := doPaced(ctx, conn, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_ClaimBundles{ClaimBundles: &wirepb.ClaimBundles{
 		Username: account, DeviceIds: ids}}})
 	if err != nil {
 		return fmt.Errorf("client: fetch keys of %s: %w", account, err)

@@ -1,6 +1,7 @@
 package client
 
 import (
+	"context"
 	"testing"
 	"time"
 )
@@ -49,5 +50,24 @@ func TestBackoffGrowsWithJitterAndResets(t *testing.T) {
 	b.Reset()
 	if d := b.Next(); d > 100*time.Millisecond {
 		t.Fatalf("after Reset wait = %v, want <= Min", d)
+	}
+}
+
+// TestWaitRetryAfter: a dial refused with Retry-After (429 over the per-IP
+// connection limit) waits at least that long; an ended context stops the
+// wait at once.
+func TestWaitRetryAfter(t *testing.T) {
+	var bo Backoff
+	start := time.Now()
+	if err := waitRetryAfter(context.Background(), &DialError{StatusCode: 429, RetryAfter: 30 * time.Millisecond}, &bo); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < 30*time.Millisecond {
+		t.Fatalf("waited %v, Retry-After was 30ms", d)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := waitRetryAfter(ctx, &DialError{StatusCode: 429, RetryAfter: time.Hour}, &bo); err == nil {
+		t.Fatal("an ended context did not stop the wait")
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,7 +53,8 @@ const eventBuffer = 1024
 // DialError is a failed WebSocket dial.
 type DialError struct {
 	URL        string
-	StatusCode int // HTTP status of a refused upgrade; 0 if there was no answer
+	StatusCode int           // HTTP status of a refused upgrade; 0 if there was no answer
+	RetryAfter time.Duration // the refusal's Retry-After (429: too many connections from this address; 503: draining), if any
 	Err        error
 }
 
@@ -141,6 +143,9 @@ func Dial(ctx context.Context, server string, o DialOptions) (*Conn, error) {
 		de := &DialError{URL: u, Err: err}
 		if resp != nil {
 			de.StatusCode = resp.StatusCode
+			if secs, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && secs > 0 {
+				de.RetryAfter = time.Duration(secs) * time.Second
+			}
 		}
 		return nil, de
 	}

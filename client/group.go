@@ -254,7 +254,7 @@ func (c *Client) distributeSenderKey(ctx context.Context, conn *Conn, g *wirepb.
 		if user == c.username {
 			user = ""
 		}
-		if _, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_SyncToDevice{SyncToDevice: &wirepb.SyncToDevice{
+		if _, err := doPaced(ctx, conn, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_SyncToDevice{SyncToDevice: &wirepb.SyncToDevice{
 			Username: user, ClientMsgId: NewMessageID(), DeviceId: a.Device, RegistrationId: ct.RegistrationId,
 			Type: ct.Type, Content: ct.Content}}}); err != nil {
 			return fmt.Errorf("client: sender key to %s: %w", a, err)

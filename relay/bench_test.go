@@ -19,6 +19,7 @@ import (
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
+	"golang.org/x/time/rate"
 )
 
 // BenchmarkSendDeliver measures one message's trip on loopback through a
@@ -37,7 +38,7 @@ func BenchmarkSendDeliver(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer ib.Close()
-	srv = New(Config{Logger: slog.New(slog.DiscardHandler)}, Deps{Accounts: device.New(db, device.Options{}),
+	srv = New(Config{Logger: slog.New(slog.DiscardHandler), SendRate: rate.Inf}, Deps{Accounts: device.New(db, device.Options{}),
 		Prekeys: keys.New(db, keys.Options{}), Inbox: ib})
 	hs := httptest.NewServer(srv.Handler())
 	defer hs.Close()

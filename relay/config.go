@@ -51,6 +51,30 @@ type Config struct {
 	// 0 = 10 per minute, burst 10.
 	LinkAttemptRate  rate.Limit
 	LinkAttemptBurst int
+	// SendRate and SendBurst limit Send, GroupSend and SyncToDevice
+	// together, per device: over it the request is RATE_LIMITED with
+	// retry_after_ms. 0 = 50 per second, burst 200 (a burst covers sender
+	// key distribution to a 200-device group); rate.Inf = no limit.
+	SendRate  rate.Limit
+	SendBurst int
+	// RegisterRate and RegisterBurst limit Register per remote IP (per /64
+	// for IPv6), failed attempts (name taken) included.
+	// 0 = 10 per minute, burst 20; rate.Inf = no limit.
+	RegisterRate  rate.Limit
+	RegisterBurst int
+	// MaxConnsPerIP bounds the open WebSocket connections per remote IP (per
+	// /64 for IPv6); an upgrade over it is answered HTTP 429 with
+	// Retry-After. Behind a reverse proxy every client has the proxy's
+	// address: raise or disable it there. 0 = 1024; negative = no limit.
+	MaxConnsPerIP int
+	// ConnRetryAfter is the Retry-After of that 429 answer. 0 = 5s.
+	ConnRetryAfter time.Duration
+	// ConnRate and ConnBurst limit new WebSocket upgrades per remote IP (per
+	// /64 for IPv6), so a client that is closed cannot come straight back
+	// in a loop; over it the upgrade is answered HTTP 429 with Retry-After
+	// (the bucket's wait). 0 = 50 per second, burst 500; rate.Inf = no limit.
+	ConnRate  rate.Limit
+	ConnBurst int
 	// PresenceFlapWindow: an account that goes offline and is back within
 	// this window makes no presence event. 0 = 2s; negative = no
 	// coalescing.
@@ -93,6 +117,21 @@ func (c *Config) setDefaults() {
 	def(&c.LinkAttemptBurst, 10)
 	def(&c.MaxPresenceSubscriptions, 256)
 	def(&c.TypingBurst, 6)
+	def(&c.SendBurst, 200)
+	def(&c.RegisterBurst, 20)
+	if c.MaxConnsPerIP == 0 {
+		c.MaxConnsPerIP = 1024 // negative: no limit
+	}
+	def(&c.ConnBurst, 500)
+	if c.ConnRate <= 0 {
+		c.ConnRate = 50
+	}
+	if c.SendRate <= 0 {
+		c.SendRate = 50
+	}
+	if c.RegisterRate <= 0 {
+		c.RegisterRate = rate.Every(time.Minute / 10)
+	}
 	if c.TypingRate <= 0 {
 		c.TypingRate = 2
 	}
@@ -112,6 +151,7 @@ func (c *Config) setDefaults() {
 	defd(&c.WriteTimeout, 10*time.Second)
 	defd(&c.LinkTTL, 10*time.Minute)
 	defd(&c.TypingTTL, 6*time.Second)
+	defd(&c.ConnRetryAfter, 5*time.Second)
 	if c.PresenceFlapWindow == 0 {
 		c.PresenceFlapWindow = 2 * time.Second
 	}

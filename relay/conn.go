@@ -214,6 +214,7 @@ func (c *conn) readFailed(err error) {
 	switch {
 	case errors.Is(err, websocket.ErrReadLimit):
 		c.s.metrics.rejected.WithLabelValues("read_limit").Inc()
+		c.s.metrics.limits.WithLabelValues(limitFrameSize).Inc()
 		c.close(websocket.CloseMessageTooBig, "frame too large")
 	case errors.As(err, &ne) && ne.Timeout():
 		if c.state == stateAuthed {
@@ -231,8 +232,13 @@ func (c *conn) readFailed(err error) {
 // badFrame answers a frame that could not be served and reports whether the
 // connection stays open.
 func (c *conn) badFrame(id uint64, err error) bool {
+	return c.badFrameAs(id, "invalid", err)
+}
+
+// badFrameAs is badFrame for a request of a known kind (metrics).
+func (c *conn) badFrameAs(id uint64, kind string, err error) bool {
 	c.badFrames++
-	c.respondErr(id, "invalid", err)
+	c.respondErr(id, kind, err)
 	if c.badFrames >= maxBadFrames {
 		c.close(wire.CloseProtocolError, "too many bad frames")
 		return false
@@ -500,5 +506,8 @@ func (c *conn) respond(r *wirepb.Response) {
 func (c *conn) respondErr(id uint64, kind string, err error) {
 	we := c.s.toWire(err)
 	c.s.metrics.requests.WithLabelValues(kind, we.Code.String()).Inc()
+	if l := limitOf(kind, we.Code); l != "" {
+		c.s.metrics.limits.WithLabelValues(l).Inc()
+	}
 	c.respond(&wirepb.Response{Id: id, Error: we.Proto()})
 }

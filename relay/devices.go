@@ -467,7 +467,7 @@ func (c *conn) linkStart(id uint64, m *wirepb.LinkStart) bool {
 	now := time.Now()
 	if d := c.s.dev.startLim.Take(remoteKey(c.remote), now); d > 0 {
 		c.s.metrics.rejected.WithLabelValues("link_rate").Inc()
-		return c.badFrame(id, rateLimited("link codes from this address", d))
+		return c.badFrameAs(id, "link_start", rateLimited("link codes from this address", d))
 	}
 	p := &pendingLink{
 		deviceKey:    bytes.Clone(m.DeviceKey),
@@ -477,7 +477,7 @@ func (c *conn) linkStart(id uint64, m *wirepb.LinkStart) bool {
 		conn:         c,
 	}
 	if err := c.s.dev.links.add(p, now); err != nil {
-		return c.badFrame(id, err)
+		return c.badFrameAs(id, "link_start", err)
 	}
 	c.link = p
 	_ = c.ws.SetReadDeadline(p.expires)

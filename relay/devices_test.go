@@ -8,6 +8,7 @@ import (
 	"errors"
 	"github.com/ferryhq/ferry/internal/ratelimit"
 	"log/slog"
+	"net/http"
 	"net/http/httptest"
 	"slices"
 	"testing"
@@ -65,7 +66,7 @@ func newGroupEnv(t *testing.T, cfg Config, do device.Options, gro group.Options,
 		f(db, &deps)
 	}
 	srv = New(cfg, deps)
-	hs := httptest.NewServer(srv.Handler())
+	hs := httptest.NewServer(fakeRemote(srv.Handler()))
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -75,6 +76,17 @@ func newGroupEnv(t *testing.T, cfg Config, do device.Options, gro group.Options,
 		db.Close()
 	})
 	return &denv{env: &env{t: t, srv: srv, http: hs, inbox: ib}, db: db, accounts: accts, keys: ks, groups: groups}
+}
+
+// fakeRemote lets a test connect "from" another address: a request's
+// X-Test-Remote header ("ip:port") replaces its RemoteAddr.
+func fakeRemote(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if a := r.Header.Get("X-Test-Remote"); a != "" {
+			r.RemoteAddr = a
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // mdev is one device of an account, with its keys.

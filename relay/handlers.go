@@ -72,6 +72,10 @@ func (c *conn) hello(id uint64, h *wirepb.Hello) bool {
 func (c *conn) register(id uint64, r *wirepb.Register) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
+	if d := c.s.regLim.Take(remoteKey(c.remote), time.Now()); d > 0 {
+		c.s.metrics.rejected.WithLabelValues("register_rate").Inc()
+		return c.badFrameAs(id, "register", rateLimited("registrations from this address", d))
+	}
 	if err := device.ValidateUsername(r.Username); err != nil {
 		return c.badFrame(id, err) // the client may pick another name
 	}
@@ -142,6 +146,12 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 		res  *wirepb.Response
 		err  error
 	)
+	if k := sendKind(f); k != "" {
+		if err := c.takeSend(); err != nil {
+			c.respondErr(f.Id, k, err)
+			return
+		}
+	}
 	switch b := f.Body.(type) {
 	case *wirepb.ClientFrame_UploadKeys:
 		kind = "upload_keys"

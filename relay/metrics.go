@@ -23,6 +23,8 @@ type metrics struct {
 	groupSendAck prometheus.Histogram // GroupSend received -> ✓ queued
 
 	typing *prometheus.CounterVec // typing events per recipient connection: queued / dropped
+
+	limits *prometheus.CounterVec // refusals by limit (limits.go)
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -63,6 +65,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		typing: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ferry_relay_typing_events_total",
 			Help: "Typing events to connected recipient devices: queued, or dropped on a full queue."}, []string{"result"}),
 	}
+	m.limits = newLimitMetric(reg)
 	if reg != nil {
 		reg.MustRegister(m.conns, m.authed, m.requests, m.rejected, m.closes, m.sendAck, m.sendDeliver,
 			m.delivered, m.acked, m.receipts, m.queueEmpty, m.groupUpdates, m.groupFanout, m.groupSendAck, m.typing)

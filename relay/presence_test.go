@@ -6,6 +6,7 @@ import (
 	"github.com/ferryhq/ferry/client"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/time/rate"
 )
 
@@ -88,6 +89,12 @@ func TestTyping(t *testing.T) {
 		t.Fatalf("bob got %v", ev)
 	}
 	wantCode(t, ac.Typing(ctx(t), "bob", "", true), wirepb.ErrorCode_RATE_LIMITED)
+	if n := testutil.ToFloat64(e.srv.metrics.limits.WithLabelValues(limitTypingRate)); n != 1 {
+		t.Fatalf("typing_rate rejections = %v", n)
+	}
+	if err := bc.Typing(ctx(t), "alice", "", true); err != nil {
+		t.Fatalf("bob is not limited by alice's typing: %v", err)
+	}
 	wantCode(t, cc.Typing(ctx(t), "", g.GroupId, true), wirepb.ErrorCode_UNKNOWN_GROUP)
 	wantCode(t, cc.Typing(ctx(t), "bob", g.GroupId, true), wirepb.ErrorCode_BAD_REQUEST)
 	wantCode(t, cc.Typing(ctx(t), "carol", "", true), wirepb.ErrorCode_BAD_REQUEST)

@@ -20,6 +20,7 @@ import (
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
 	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.mau.fi/libsignal/ecc"
 	"google.golang.org/protobuf/proto"
 )
@@ -355,6 +356,10 @@ func TestInboxFullIsAnErrorNotADrop(t *testing.T) {
 	if !errors.As(err, &we) || we.Code != wirepb.ErrorCode_INBOX_FULL || !we.Retryable {
 		t.Fatalf("got %v, want retryable INBOX_FULL", err)
 	}
+	if n := testutil.ToFloat64(srv.metrics.limits.WithLabelValues(limitInboxQuota)); n != 1 {
+		t.Fatalf("inbox_quota rejections = %v", n)
+	}
+	othersUnaffected(t, e) // other devices' inboxes have room
 }
 
 func TestShutdownTellsClientsToReconnect(t *testing.T) {

@@ -33,6 +33,10 @@ type Server struct {
 	presence *presence.Tracker
 	// typing indicators per device
 	typingLim *ratelimit.Keyed[wire.DeviceAddr]
+	sendLim   *ratelimit.Keyed[wire.DeviceAddr] // Send + GroupSend + SyncToDevice per device
+	regLim    *ratelimit.Keyed[string]          // Register per remote IP
+	ipConns   *ipConns                          // open connections per remote IP
+	connLim   *ratelimit.Keyed[string]          // new connections per remote IP
 	metrics   *metrics
 	upgrader  websocket.Upgrader
 	log       *slog.Logger // ids only, never content, keys or signatures
@@ -57,6 +61,10 @@ func New(cfg Config, deps Deps) *Server {
 		presence: presence.NewTracker(deps.Presence, presence.Options{FlapWindow: cfg.PresenceFlapWindow,
 			MaxSubscriptions: cfg.MaxPresenceSubscriptions, Registerer: cfg.Registerer, Logger: cfg.Logger}),
 		typingLim: ratelimit.New[wire.DeviceAddr](cfg.TypingRate, cfg.TypingBurst, ratelimit.DefaultMax),
+		sendLim:   ratelimit.New[wire.DeviceAddr](cfg.SendRate, cfg.SendBurst, ratelimit.DefaultMax),
+		regLim:    ratelimit.New[string](cfg.RegisterRate, cfg.RegisterBurst, ratelimit.DefaultMax),
+		ipConns:   newIPConns(cfg.MaxConnsPerIP),
+		connLim:   ratelimit.New[string](cfg.ConnRate, cfg.ConnBurst, ratelimit.DefaultMax),
 		conns:     make(map[*conn]struct{}),
 		log:       cfg.Logger,
 	}
@@ -119,6 +127,16 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "server is shutting down", http.StatusServiceUnavailable)
 		return
 	}
+	ipKey := remoteKey(r.RemoteAddr)
+	if d := s.connLim.Take(ipKey, time.Now()); d > 0 {
+		s.refuseTooMany(w, limitConnRate, d)
+		return
+	}
+	if !s.ipConns.acquire(ipKey) {
+		s.refuseTooMany(w, limitConnsPerIP, s.cfg.ConnRetryAfter)
+		return
+	}
+	defer s.ipConns.release(ipKey)
 	ws, err := s.upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		s.metrics.rejected.WithLabelValues("upgrade").Inc()

@@ -18,7 +18,7 @@ func TestBlackBoxCrashLoop(t *testing.T) {
 	if os.Getenv("FERRY_SOAK") != "" {
 		cycles = 200
 	}
-	srv := startServer(t, t.TempDir())
+	srv := startServer(t, t.TempDir(), "--send-rate", "inf") // the send limit is limits_test.go's
 	l := startLoad(t, srv, 4, 5*time.Minute)
 	for cycle := range cycles {
 		l.awaitRandomAcks(fmt.Sprint("cycle ", cycle))

@@ -20,7 +20,10 @@ func TestBlackBoxGroupFanout1024x2(t *testing.T) {
 	if testing.Short() {
 		members = 64
 	}
+	// One process plays 1,024 users from one address: the per-IP and
+	// per-device abuse limits are off (they have their own tests).
 	srv := startServer(t, t.TempDir(), "--link-start-rate", "1000000", "--link-start-burst", "100000",
+		"--register-rate", "inf", "--max-conns-per-ip", "0", "--conn-rate", "inf", "--send-rate", "inf",
 		"--max-group-members", strconv.Itoa(members+1), "--group-fanout-inline", "256")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()

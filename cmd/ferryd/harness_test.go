@@ -49,6 +49,7 @@ type server struct {
 	bin  string // the ferryd binary; "" is binDir/ferryd
 	data string
 	addr string
+	args []string // the flags of startServer, given again on restart
 	cmd  *exec.Cmd
 	log  *syncBuffer // everything ferryd wrote to stderr, across restarts
 	done chan struct{}
@@ -84,7 +85,7 @@ func startServer(t *testing.T, data string, args ...string) *server {
 // normal one).
 func startServerBin(t *testing.T, bin, data string, args ...string) *server {
 	t.Helper()
-	s := &server{t: t, bin: bin, data: data, log: &syncBuffer{}}
+	s := &server{t: t, bin: bin, data: data, args: args, log: &syncBuffer{}}
 	s.start("127.0.0.1:0", args...)
 	t.Cleanup(s.stop)
 	return s
@@ -155,10 +156,10 @@ func (s *server) term() {
 	}
 }
 
-// restart starts ferryd again on the same address and data.
+// restart starts ferryd again on the same address, data and flags.
 func (s *server) restart() {
 	s.t.Helper()
-	s.start(s.addr)
+	s.start(s.addr, s.args...)
 }
 
 func (s *server) stop() {
@@ -172,9 +173,16 @@ func (s *server) stop() {
 // the exit code.
 func ferry(t *testing.T, home string, args ...string) (string, string, int) {
 	t.Helper()
+	return ferryStdin(t, home, "", args...)
+}
+
+// ferryStdin is ferry with stdin as the CLI's standard input.
+func ferryStdin(t *testing.T, home, stdin string, args ...string) (string, string, int) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferry"), append([]string{"--home", home}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -68,6 +69,7 @@ type config struct {
 	linkStartBurst   int
 	linkAttemptRate  float64
 	linkAttemptBurst int
+	limits           limitFlags
 	allowedOrigins   stringList
 	flapWindow       time.Duration
 	maxPresenceSubs  int
@@ -94,6 +96,17 @@ type pushFlags struct {
 	vapidPublic          string
 	vapidPrivateFile     string
 	vapidSubscriber      string
+}
+
+// limitFlags are the abuse limits of issue 10 (docs/security.md, "Limits").
+type limitFlags struct {
+	sendRate      float64
+	sendBurst     int
+	registerRate  float64
+	registerBurst int
+	connsPerIP    int
+	connRate      float64
+	connBurst     int
 }
 
 type stringList []string
@@ -142,6 +155,14 @@ func main() {
 	fs.IntVar(&c.linkStartBurst, "link-start-burst", 5, "link code burst per remote IP")
 	fs.Float64Var(&c.linkAttemptRate, "link-attempt-rate", 10, "link code lookups and approvals per minute per primary device")
 	fs.IntVar(&c.linkAttemptBurst, "link-attempt-burst", 10, "link code lookup and approval burst per primary device")
+	l := &c.limits
+	fs.Float64Var(&l.sendRate, "send-rate", 50, "sends (Send, GroupSend, SyncToDevice together) per second per device (inf: no limit)")
+	fs.IntVar(&l.sendBurst, "send-burst", 200, "send burst per device")
+	fs.Float64Var(&l.registerRate, "register-rate", 10, "registrations per minute per remote IP, /64 for IPv6 (inf: no limit)")
+	fs.IntVar(&l.registerBurst, "register-burst", 20, "registration burst per remote IP")
+	fs.IntVar(&l.connsPerIP, "max-conns-per-ip", 1024, "open WebSocket connections per remote IP, /64 for IPv6; over it HTTP 429 (0: no limit; behind a proxy every client has its address)")
+	fs.Float64Var(&l.connRate, "conn-rate", 50, "new WebSocket connections per second per remote IP, /64 for IPv6; over it HTTP 429 (inf: no limit)")
+	fs.IntVar(&l.connBurst, "conn-burst", 500, "new connection burst per remote IP")
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 15*time.Second, "how long SIGTERM waits for in-flight work")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve /debug/pprof/ (profiles; keep off in production listeners)")
 	fs.DurationVar(&c.flapWindow, "presence-flap-window", 2*time.Second, "offline then online within this makes no presence event (0: no coalescing)")
@@ -254,6 +275,10 @@ func run(c config) error {
 		LinkAttemptRate: perMinute(c.linkAttemptRate), LinkAttemptBurst: c.linkAttemptBurst,
 		PresenceFlapWindow: flapWindow(c.flapWindow), MaxPresenceSubscriptions: c.maxPresenceSubs,
 		TypingRate: rate.Limit(c.typingRate), TypingBurst: c.typingBurst, TypingTTL: c.typingTTL,
+		SendRate: perSecond(c.limits.sendRate), SendBurst: c.limits.sendBurst,
+		RegisterRate: perMinute(c.limits.registerRate), RegisterBurst: c.limits.registerBurst,
+		MaxConnsPerIP: connsPerIP(c.limits.connsPerIP),
+		ConnRate:      perSecond(c.limits.connRate), ConnBurst: c.limits.connBurst,
 	}, relay.Deps{
 		Accounts: accounts,
 		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
@@ -419,7 +444,23 @@ func perMinute(n float64) rate.Limit {
 	if n <= 0 {
 		return 0
 	}
-	return rate.Limit(n / 60)
+	return perSecond(n / 60)
+}
+
+// perSecond is a flag's rate; "inf" is rate.Inf (no limit).
+func perSecond(n float64) rate.Limit {
+	if math.IsInf(n, 1) {
+		return rate.Inf
+	}
+	return rate.Limit(n)
+}
+
+// connsPerIP maps the flag (0: no limit) to relay.Config (negative: none).
+func connsPerIP(n int) int {
+	if n <= 0 {
+		return -1
+	}
+	return n
 }
 
 func isLoopback(addr string) bool {

@@ -21,7 +21,7 @@ func TestBlackBoxSIGTERMUnderLoad(t *testing.T) {
 	if os.Getenv("FERRY_SOAK") != "" {
 		cycles = 50
 	}
-	srv := startServer(t, t.TempDir())
+	srv := startServer(t, t.TempDir(), "--send-rate", "inf") // the send limit is limits_test.go's
 	const pairs = 4
 	l := startLoad(t, srv, pairs, 3*time.Minute)
 	for cycle := range cycles {
