@@ -107,6 +107,17 @@ func (c *conn) close(code int, reason string) {
 	})
 }
 
+// readDeadline moves the reader's deadline to t, unless the connection is
+// closing: close cancels ctx and then sets the deadline to now to unblock
+// the reader, so a later extension by the reader must not undo that (a
+// connection would then hang on in Shutdown until its peer spoke).
+func (c *conn) readDeadline(t time.Time) {
+	_ = c.ws.SetReadDeadline(t)
+	if c.ctx.Err() != nil {
+		_ = c.ws.SetReadDeadline(time.Now())
+	}
+}
+
 // closeSocketNow writes the close frame and closes, for a connection whose
 // loops never started.
 func (c *conn) closeSocketNow() {
@@ -156,10 +167,10 @@ func (c *conn) run() {
 func (c *conn) readLoop() {
 	cfg := &c.s.cfg
 	c.ws.SetReadLimit(int64(4 * cfg.MaxFrameBytes))
-	_ = c.ws.SetReadDeadline(time.Now().Add(cfg.HandshakeTimeout))
+	c.readDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	c.ws.SetPongHandler(func(string) error {
 		if c.state == stateAuthed {
-			return c.ws.SetReadDeadline(time.Now().Add(2 * cfg.PingInterval))
+			c.readDeadline(time.Now().Add(2 * cfg.PingInterval))
 		}
 		return nil
 	})
@@ -170,7 +181,7 @@ func (c *conn) readLoop() {
 			return
 		}
 		if c.state == stateAuthed {
-			_ = c.ws.SetReadDeadline(time.Now().Add(2 * cfg.PingInterval))
+			c.readDeadline(time.Now().Add(2 * cfg.PingInterval))
 		}
 		if typ != websocket.BinaryMessage {
 			_, _ = io.Copy(io.Discard, r)
@@ -300,7 +311,7 @@ func (c *conn) becomeDevice() {
 	c.s.metrics.authed.Inc()
 	c.trackDevice()
 	// From now on the peer must answer pings (or send frames).
-	_ = c.ws.SetReadDeadline(time.Now().Add(2 * c.s.cfg.PingInterval))
+	c.readDeadline(time.Now().Add(2 * c.s.cfg.PingInterval))
 	if c.sendOnly {
 		return
 	}

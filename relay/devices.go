@@ -480,7 +480,7 @@ func (c *conn) linkStart(id uint64, m *wirepb.LinkStart) bool {
 		return c.badFrameAs(id, "link_start", err)
 	}
 	c.link = p
-	_ = c.ws.SetReadDeadline(p.expires)
+	c.readDeadline(p.expires)
 	c.respond(&wirepb.Response{Id: id, Result: &wirepb.Response_LinkStart{LinkStart: &wirepb.LinkStartResult{
 		CodeId: bytes.Clone(p.code[:]), ExpiresMs: p.expires.UnixMilli()}}})
 	c.s.metrics.requests.WithLabelValues("link_start", "OK").Inc()

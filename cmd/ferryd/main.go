@@ -14,6 +14,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	runtimepprof "runtime/pprof"
 	"sort"
 	"strings"
 	"syscall"
@@ -357,6 +358,8 @@ func run(c config) error {
 		// Handlers may still read the store: closing it under them would
 		// panic. Every commit is already synced, so exiting loses nothing.
 		log.Error("ferryd: connections still busy at the shutdown deadline; exiting without closing the store", "err", err)
+		// What they are stuck on, for the operator (stacks only: no data).
+		_ = runtimepprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	_ = hs.Shutdown(ctx)
