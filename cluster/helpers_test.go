@@ -12,7 +12,10 @@ import (
 	"github.com/ferryhq/ferry/internal/redistest"
 	"github.com/ferryhq/ferry/store"
 	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/logging"
 )
+
+func init() { logging.Disable() } // tests kill Redis; its reconnect chatter is noise
 
 // testClient connects to srv with short timeouts (tests kill Redis).
 func testClient(t *testing.T, srv *redistest.Server) redis.UniversalClient {
@@ -90,6 +93,27 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for: %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// eventuallyErr is eventually whose condition also reports its last
+// error, printed on a timeout.
+func eventuallyErr(t *testing.T, what string, cond func() (bool, error)) {
+	t.Helper()
+	var last error
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ok, err := cond()
+		if ok {
+			return
+		}
+		if err != nil {
+			last = err
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for: %s (last error: %v)", what, last)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

@@ -117,6 +117,10 @@ func newMetrics(r prometheus.Registerer) *metrics {
 	return m
 }
 
+// ErrSuperseded: another process of the same node id took this node's
+// leases; this one stops (Run returns it, ferryd exits).
+var ErrSuperseded = errors.New("cluster: superseded by another process of this node")
+
 // Node is this process's membership in a cluster: it joins, keeps its
 // registration and its leases alive, re-registers its shards when Redis
 // comes back empty, and keeps the Fence every write is checked against.
@@ -144,6 +148,7 @@ type Node struct {
 	unclaimedFor map[ShardID]int // consecutive scans a shard was seen unclaimed
 	lastDevices  time.Time       // last device registry refresh
 	lastErr      string          // last maintenance error logged
+	superseded   bool            // another process runs as this node: do nothing more
 
 	// guarded by devMu
 	devMu   sync.Mutex
@@ -206,7 +211,11 @@ func (n *Node) Run(ctx context.Context) error {
 	t := time.NewTicker(n.cfg.RenewEvery)
 	defer t.Stop()
 	for {
-		n.logTick(n.Tick(ctx))
+		err := n.Tick(ctx)
+		if errors.Is(err, ErrSuperseded) {
+			return err
+		}
+		n.logTick(err)
 		select {
 		case <-ctx.Done():
 			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -243,6 +252,9 @@ func (n *Node) Tick(ctx context.Context) error {
 	n.tickMu.Lock()
 	defer n.tickMu.Unlock()
 	defer n.expire()
+	if n.superseded {
+		return ErrSuperseded
+	}
 	meta, err := n.join(ctx)
 	if err != nil {
 		if errors.Is(err, ErrRedis) {
@@ -251,7 +263,11 @@ func (n *Node) Tick(ctx context.Context) error {
 		return err
 	}
 	n.readyOnce.Do(func() { close(n.ready) })
-	errs := []error{n.heartbeat(ctx), n.renew(ctx), n.reacquireHome(ctx)}
+	errs := []error{n.heartbeat(ctx), n.renew(ctx)}
+	if n.superseded {
+		return ErrSuperseded
+	}
+	errs = append(errs, n.reacquireHome(ctx))
 	if !meta.Recovered && !n.cfg.NoFreshClaims {
 		errs = append(errs, n.claimFresh(ctx, meta))
 	}
@@ -353,6 +369,16 @@ func (n *Node) renew(ctx context.Context) error {
 			n.fence.revoke(s)
 			n.m.lost.WithLabelValues("lost").Inc()
 			n.log.Warn("lost shard lease: stopped serving it", "shard", s, "epoch", epochs[i])
+			if l, ok, _, gerr := n.leases.Get(ctx, s); gerr == nil && ok && l.Node == n.holder.Node && l.Instance != n.holder.Instance {
+				// A newer process of this node took over (a restart while this
+				// one hung): stop contending, or the two would take turns.
+				n.superseded = true
+				n.log.Error("another process runs as this node: stopping cluster membership", "instance", l.Instance)
+				for s := range n.fence.grants() {
+					n.fence.revoke(s)
+				}
+				return ErrSuperseded
+			}
 		default:
 			redisErr = err // the grant lapses at its deadline unless a later renewal works
 		}
@@ -607,3 +633,11 @@ func (n *Node) Registry() *Registry { return n.reg }
 
 // Leases is the cluster's lease layer.
 func (n *Node) Leases() *Leases { return n.leases }
+
+// Meta is the cluster record from the last join (zero before it).
+func (n *Node) Meta() Meta {
+	if m := n.meta.Load(); m != nil {
+		return *m
+	}
+	return Meta{}
+}
