@@ -34,12 +34,23 @@ func testClient(t *testing.T, srv *redistest.Server) redis.UniversalClient {
 type testClock struct {
 	mu     sync.Mutex
 	offset time.Duration
+	frozen time.Time // if set, the time, whatever the real one
 }
 
 func (c *testClock) now() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if !c.frozen.IsZero() {
+		return c.frozen
+	}
 	return time.Now().Add(c.offset)
+}
+
+// freeze stops the clock at t.
+func (c *testClock) freeze(t time.Time) {
+	c.mu.Lock()
+	c.frozen = t
+	c.mu.Unlock()
 }
 
 func (c *testClock) jump(d time.Duration) {

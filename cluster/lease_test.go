@@ -15,7 +15,7 @@ func TestLeaseAcquireRenewExpireTakeover(t *testing.T) {
 	ctx := ctxT(t)
 	l := NewLeases(testClient(t, srv), "")
 	a, b := Holder{"a", "i1"}, Holder{"b", "i1"}
-	const ttl = 400 * time.Millisecond
+	const ttl = time.Second // renewals below tolerate a stall of most of it
 
 	e1, err := l.Acquire(ctx, 0, a, ttl, 0)
 	if err != nil || e1 != 1 {
@@ -32,7 +32,7 @@ func TestLeaseAcquireRenewExpireTakeover(t *testing.T) {
 		t.Fatalf("acquire by b = %v, want HeldError naming a at %d", err, e1)
 	}
 	// Renewals keep it past its first TTL.
-	for range 4 {
+	for range 5 {
 		time.Sleep(ttl / 4)
 		if err := l.Renew(ctx, 0, a, e1, ttl); err != nil {
 			t.Fatalf("renew: %v", err)

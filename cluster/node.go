@@ -360,6 +360,7 @@ func (n *Node) renew(ctx context.Context) error {
 	}
 	sent := n.cfg.Clock()
 	var redisErr error
+	checked := false // whether this round looked for a newer process of this node
 	for i, err := range n.leases.RenewAll(ctx, n.holder, shards, epochs, n.cfg.LeaseTTL) {
 		s := shards[i]
 		switch {
@@ -369,6 +370,10 @@ func (n *Node) renew(ctx context.Context) error {
 			n.fence.revoke(s)
 			n.m.lost.WithLabelValues("lost").Inc()
 			n.log.Warn("lost shard lease: stopped serving it", "shard", s, "epoch", epochs[i])
+			if checked {
+				continue
+			}
+			checked = true
 			if l, ok, _, gerr := n.leases.Get(ctx, s); gerr == nil && ok && l.Node == n.holder.Node && l.Instance != n.holder.Instance {
 				// A newer process of this node took over (a restart while this
 				// one hung): stop contending, or the two would take turns.
