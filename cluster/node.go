@@ -464,7 +464,7 @@ func (n *Node) reacquireHome(ctx context.Context) error {
 }
 
 // claimFresh claims never-owned shards: up to a fair share of the live
-// nodes, and any shard left unclaimed for two rounds whatever the share.
+// nodes, and any shard seen unclaimed for three rounds whatever the share.
 func (n *Node) claimFresh(ctx context.Context, meta Meta) error {
 	if !n.freshPending {
 		return nil

@@ -122,6 +122,7 @@ func (s *Server) start() error {
 		"--loglevel", "warning",
 		"--logfile", filepath.Join(s.dir, "redis.log"),
 	)
+	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", s.bin, err)
 	}
