@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -52,8 +53,8 @@ type grant struct {
 type Fence struct {
 	now Clock
 
-	mu   sync.RWMutex
-	held map[ShardID]grant
+	mu   sync.Mutex                        // serializes writers
+	held atomic.Pointer[map[ShardID]grant] // copy-on-write: reads take no lock
 }
 
 // NewFence returns an empty fence reading time from now (nil: time.Now).
@@ -61,14 +62,28 @@ func NewFence(now Clock) *Fence {
 	if now == nil {
 		now = time.Now
 	}
-	return &Fence{now: now, held: make(map[ShardID]grant)}
+	f := &Fence{now: now}
+	f.held.Store(&map[ShardID]grant{})
+	return f
+}
+
+// update replaces the map with a copy changed by fn (renewals are rare
+// next to writes).
+func (f *Fence) update(fn func(map[ShardID]grant)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	old := *f.held.Load()
+	m := make(map[ShardID]grant, len(old)+1)
+	for s, g := range old {
+		m[s] = g
+	}
+	fn(m)
+	f.held.Store(&m)
 }
 
 // Epoch returns the epoch this node holds shard at, if it holds it now.
 func (f *Fence) Epoch(shard ShardID) (uint64, bool) {
-	f.mu.RLock()
-	g, ok := f.held[shard]
-	f.mu.RUnlock()
+	g, ok := (*f.held.Load())[shard]
 	if !ok || !f.now().Before(g.deadline) {
 		return 0, false
 	}
@@ -78,9 +93,7 @@ func (f *Fence) Epoch(shard ShardID) (uint64, bool) {
 // Check returns nil if this node holds shard at epoch and its deadline has
 // not passed; otherwise an error wrapping ErrFenced.
 func (f *Fence) Check(shard ShardID, epoch uint64) error {
-	f.mu.RLock()
-	g, ok := f.held[shard]
-	f.mu.RUnlock()
+	g, ok := (*f.held.Load())[shard]
 	switch {
 	case !ok:
 		return fmt.Errorf("%w: shard %d not held", ErrFenced, shard)
@@ -95,10 +108,9 @@ func (f *Fence) Check(shard ShardID, epoch uint64) error {
 // Held returns the shards held now (deadline not passed) with their epochs.
 func (f *Fence) Held() map[ShardID]uint64 {
 	now := f.now()
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	out := make(map[ShardID]uint64, len(f.held))
-	for s, g := range f.held {
+	held := *f.held.Load()
+	out := make(map[ShardID]uint64, len(held))
+	for s, g := range held {
 		if now.Before(g.deadline) {
 			out[s] = g.epoch
 		}
@@ -110,27 +122,24 @@ func (f *Fence) Held() map[ShardID]uint64 {
 // renewal must not move an older request's deadline past a newer one's, so
 // the later deadline wins at the same epoch.
 func (f *Fence) grant(shard ShardID, epoch uint64, deadline time.Time) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if g, ok := f.held[shard]; ok && g.epoch == epoch && g.deadline.After(deadline) {
-		return
-	}
-	f.held[shard] = grant{epoch: epoch, deadline: deadline}
+	f.update(func(m map[ShardID]grant) {
+		if g, ok := m[shard]; ok && g.epoch == epoch && g.deadline.After(deadline) {
+			return
+		}
+		m[shard] = grant{epoch: epoch, deadline: deadline}
+	})
 }
 
 // revoke forgets shard (lost, released, or past its deadline).
 func (f *Fence) revoke(shard ShardID) {
-	f.mu.Lock()
-	delete(f.held, shard)
-	f.mu.Unlock()
+	f.update(func(m map[ShardID]grant) { delete(m, shard) })
 }
 
 // grants returns every recorded grant, expired ones included.
 func (f *Fence) grants() map[ShardID]grant {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	out := make(map[ShardID]grant, len(f.held))
-	for s, g := range f.held {
+	held := *f.held.Load()
+	out := make(map[ShardID]grant, len(held))
+	for s, g := range held {
 		out[s] = g
 	}
 	return out

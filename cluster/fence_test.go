@@ -90,3 +90,21 @@ func FuzzShardRecord(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkFenceCheck is the cost the fence adds to each write (twice).
+func BenchmarkFenceCheck(b *testing.B) {
+	f := NewFence(nil)
+	for s := range ShardID(256) {
+		f.grant(s, 1, time.Now().Add(time.Hour))
+	}
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		var s ShardID
+		for pb.Next() {
+			if err := f.Check(s%256, 1); err != nil {
+				b.Fatal(err)
+			}
+			s++
+		}
+	})
+}
