@@ -84,6 +84,10 @@ func TestFencingAfterPause(t *testing.T) {
 	if !ok {
 		t.Fatal("a does not hold shard 0")
 	}
+	epoch1, ok := a.Fence().Epoch(1)
+	if !ok {
+		t.Fatal("a does not hold shard 1")
+	}
 	if err := a.Fence().Check(0, epoch); err != nil {
 		t.Fatal(err)
 	}
@@ -95,8 +99,9 @@ func TestFencingAfterPause(t *testing.T) {
 		t.Fatalf("after a pause of a TTL: %v, want ErrFenced", err)
 	}
 
-	// Redis expires the lease; b takes the shard.
+	// Redis expires the leases; b takes shard 0.
 	leaseGone(t, a.Leases(), 0)
+	leaseGone(t, a.Leases(), 1)
 	be, err := b.Claim(ctx, 0)
 	if err != nil || be <= epoch {
 		t.Fatalf("b claims shard 0 = %d, %v; want an epoch above %d", be, err, epoch)
@@ -118,8 +123,8 @@ func TestFencingAfterPause(t *testing.T) {
 		t.Fatalf("old owner's record %+v: want no home, seen ≥ %d", r, be)
 	}
 	// Shard 1, which nobody took, a re-acquires with a new epoch.
-	if e1, ok := a.Fence().Epoch(1); !ok || e1 <= epoch {
-		t.Fatalf("shard 1 after the pause: %d, %v", e1, ok)
+	if e1, ok := a.Fence().Epoch(1); !ok || e1 <= epoch1 {
+		t.Fatalf("shard 1 after the pause: %d, %v; want held above epoch %d", e1, ok, epoch1)
 	}
 	_ = a.Tick(ctx)
 	if _, ok := a.Fence().Epoch(0); ok {
