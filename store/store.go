@@ -25,6 +25,7 @@
 //	'p' username 0x00 device(4)                     push:    wirepb.PushRegistration (the device's push target)
 //	'o' 's' username                                presence: last seen, Unix ms (8 bytes), written NoSync
 //	'o' 'v' username                                presence: privacy setting (wirepb.PresencePrivacy)
+//	'e' 'c' | 'n' | 's' shard(4)                    cluster: cluster id + shard count, node id, per-shard epochs (see cluster/store.go)
 //
 // An inbox entry ('i') of a group message or GROUP_UPDATE holds only its
 // id, seq and time, followed by a storepb.EntryBodyRef naming the shared
@@ -73,6 +74,7 @@ const (
 	PrefixFanout     = 'f'
 	PrefixPush       = 'p'
 	PrefixPresence   = 'o'
+	PrefixCluster    = 'e'
 )
 
 // ErrOpen wraps every failure to open the database.

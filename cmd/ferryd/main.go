@@ -1,5 +1,7 @@
 // Command ferryd is Ferry's server: one node, Pebble in --data, WebSocket
 // gateway at /v1/ws, /healthz, /readyz and /metrics on the same listener.
+// `ferryd cluster status --redis URL` prints a cluster's nodes, shards, owners and
+// epochs (cluster.go; docs/cluster.md).
 package main
 
 import (
@@ -116,6 +118,9 @@ func (s *stringList) String() string     { return fmt.Sprint(*s) }
 func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 
 func main() {
+	if code, ok := runSubcommand(os.Args[1:]); ok {
+		os.Exit(code)
+	}
 	var c config
 	fs := flag.NewFlagSet("ferryd", flag.ExitOnError)
 	fs.StringVar(&c.listen, "listen", "127.0.0.1:7600", "address to listen on")
