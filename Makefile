@@ -22,8 +22,9 @@ test: vet fmt-check build test-deps
 	$(GO) test -count=1 $(PKGS)
 	$(GO) test -count=1 -race $(RACE_PKGS)
 
-# Cluster tests start their own redis-server processes (internal/redistest);
-# without it they skip. CI installs it when it can (Debian: redis-server).
+# Cluster tests start their own redis-server processes (internal/redistest),
+# the ACME test a local pebble ACME server; without them those tests skip.
+# CI installs both when it can (Debian: redis-server, pebble).
 test-deps:
 	@command -v redis-server >/dev/null || test -x /usr/bin/redis-server || { \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
@@ -31,6 +32,12 @@ test-deps:
 	    apt-get install -y redis-server >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y redis-server >/dev/null; } || \
 	      echo "warning: redis-server could not be installed; cluster tests will skip"; \
 	  else echo "warning: redis-server missing; cluster tests will skip (apt-get install -y redis-server)"; fi; }
+	@command -v pebble >/dev/null || test -x /usr/bin/pebble || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing pebble, the ACME test server (ferryd's autocert test)"; \
+	    apt-get install -y pebble >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y pebble >/dev/null; } || \
+	      echo "warning: pebble could not be installed; the ACME issuance test will skip"; \
+	  else echo "warning: pebble missing; the ACME issuance test will skip (apt-get install -y pebble)"; fi; }
 
 test-short:
 	$(GO) test -short $(PKGS)
