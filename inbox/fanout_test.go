@@ -201,7 +201,7 @@ func TestFanoutResumesAfterRestart(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer db.Close()
+			t.Cleanup(func() { db.Close() }) // after the store's Close (cleanups run last-in first-out)
 			o.commit = nil
 			s = startStore(t, db, o)
 			waitFanout(t, db)

@@ -653,7 +653,7 @@ func TestCrashKeepsAccepted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer db.Close()
+	t.Cleanup(func() { db.Close() }) // after the store's Close (cleanups run last-in first-out)
 	s = startStore(t, db, Options{})
 	if got := itemIDs(rangeAll(t, s, bob2)); !slices.Equal(got, []uint64{1, 2, 3, 4, 5}) {
 		t.Errorf("after a crash bob2 has %v, want all 5 accepted entries", got)
@@ -680,7 +680,7 @@ func TestCommitFailureReadOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer db.Close()
+	t.Cleanup(func() { db.Close() }) // after the store's Close (cleanups run last-in first-out)
 	s := startStore(t, db, Options{})
 	acc, err := s.Append(context.Background(), send(alice1, "m1", "c", "hi", bob1))
 	if !isSentinel(err, ErrStorage) || wire.CodeOf(err) != wirepb.ErrorCode_UNAVAILABLE {
