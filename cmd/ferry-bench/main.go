@@ -422,36 +422,14 @@ func idle(server string, args []string) error {
 		defer stop()
 		return idleReport(ctx, metricsURL, rss0, n, *settle, *asJSON)
 	}
-	conns := make([]*client.Conn, n)
-	sem := make(chan struct{}, 32)
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var firstErr error
-	for i := range n {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			d, err := newDevice(ctx, server, fmt.Sprintf("bi%s_%d", run, i))
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				firstErr = cmp.Or(firstErr, err)
-				return
-			}
-			conns[i] = d.conn
-		}()
-	}
-	wg.Wait()
+	conns, err := idleConns(ctx, server, "bi"+run, n)
 	defer func() {
 		for _, c := range conns {
-			if c != nil {
-				c.Close()
-			}
+			c.Close()
 		}
 	}()
-	if firstErr != nil {
-		return firstErr
+	if err != nil {
+		return err
 	}
 	return idleReport(ctx, metricsURL, rss0, n, *settle, *asJSON)
 }
