@@ -556,12 +556,14 @@ func (s *Store) decodeRaw(r pebble.Reader, dev wire.DeviceAddr, id uint64, v []b
 	own := v[:em.refAt] // the entry's id, seq and time, without the EntryBodyRef
 	b, ok := s.bodies.get(em.bodyID)
 	if !ok {
-		full, err := s.decodeEntry(r, dev, id, v, em)
-		if err != nil {
-			return nil, nil, err
-		}
 		body, closer, err := r.Get(bodyKey(em.bodyID))
-		if err != nil { // decodeEntry found it; only a damaged store gets here
+		if err != nil {
+			// Gone (the entry was deleted meanwhile, or damage) or a read
+			// error: decodeEntry tells which and answers accordingly.
+			full, err := s.decodeEntry(r, dev, id, v, em)
+			if err != nil {
+				return nil, nil, err
+			}
 			return full, mustMarshal(full), nil
 		}
 		head := &wirepb.Envelope{}

@@ -184,7 +184,7 @@ func drain(server string, args []string) error {
 		}
 	}
 	el := time.Since(start)
-	res := drainResult{Messages: *k, DrainMs: float64(el.Microseconds()) / 1000, PerSec: float64(*k) / el.Seconds()}
+	res := drainResult{Messages: *k, DrainMs: ms(el), PerSec: float64(*k) / el.Seconds()}
 	if *asJSON {
 		return json.NewEncoder(os.Stdout).Encode(res)
 	}
@@ -292,7 +292,7 @@ func pairs(server string, args []string) error {
 					if got[env.ClientMsgId] {
 						dups++
 					} else if !t0.IsZero() {
-						deliverLat = append(deliverLat, float64(now.Sub(t0).Microseconds())/1000)
+						deliverLat = append(deliverLat, ms(now.Sub(t0)))
 					}
 					mu.Unlock()
 					got[env.ClientMsgId] = true
@@ -332,7 +332,7 @@ func pairs(server string, args []string) error {
 					return
 				}
 				mu.Lock()
-				ackLat = append(ackLat, float64(time.Since(t0).Microseconds())/1000)
+				ackLat = append(ackLat, ms(time.Since(t0)))
 				mu.Unlock()
 			}
 		}()

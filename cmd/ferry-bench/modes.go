@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -33,7 +34,7 @@ func idleConns(ctx context.Context, server, prefix string, n int) ([]*client.Con
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
-				firstErr = cmpErr(firstErr, err)
+				firstErr = cmp.Or(firstErr, err)
 				return
 			}
 			conns = append(conns, d.conn)
@@ -195,7 +196,7 @@ func e2eePairs(ctx context.Context, server, run string, np, nm int, rate float64
 				if got[id] {
 					dups++
 				} else if !t0.IsZero() {
-					deliverLat = append(deliverLat, float64(now.Sub(t0).Microseconds())/1000)
+					deliverLat = append(deliverLat, ms(now.Sub(t0)))
 				}
 				got[id] = true
 				n := len(got)
@@ -220,12 +221,12 @@ func e2eePairs(ctx context.Context, server, run string, np, nm int, rate float64
 				smu.Unlock()
 				if _, err := p.s.SendWithID(ctx, id, p.r.Username(), id+" hello"); err != nil {
 					mu.Lock()
-					firstErr = cmpErr(firstErr, err)
+					firstErr = cmp.Or(firstErr, err)
 					mu.Unlock()
 					return
 				}
 				mu.Lock()
-				ackLat = append(ackLat, float64(time.Since(t0).Microseconds())/1000)
+				ackLat = append(ackLat, ms(time.Since(t0)))
 				mu.Unlock()
 			}
 			select {

@@ -9,6 +9,7 @@ package main
 //	ferry-bench --server URL storm N [--json]
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"encoding/hex"
@@ -74,7 +75,7 @@ func storm(server string, args []string) error {
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
-				firstErr = cmpErr(firstErr, err)
+				firstErr = cmp.Or(firstErr, err)
 				return
 			}
 			devs[i] = dev{d, key}
@@ -110,7 +111,7 @@ func storm(server string, args []string) error {
 					Username: d.d.name, DeviceId: 1, RegistrationId: d.d.reg, Type: wirepb.EnvelopeType_SIGNAL_MESSAGE, Content: payload}}}}})
 			if err != nil {
 				mu.Lock()
-				firstErr = cmpErr(firstErr, err)
+				firstErr = cmp.Or(firstErr, err)
 				mu.Unlock()
 			}
 		})
@@ -214,11 +215,4 @@ func maxStore(v *atomic.Int64, x int64) {
 			return
 		}
 	}
-}
-
-func cmpErr(a, b error) error {
-	if a != nil {
-		return a
-	}
-	return b
 }

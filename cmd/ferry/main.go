@@ -514,33 +514,17 @@ func cmdGroup(ctx context.Context, c *client.Client, args []string, stdin io.Rea
 		}
 		fmt.Fprintf(out, "created group %s (%s) with %d members\n", g.Name, g.GroupId, len(g.Members))
 		return nil
-	case "add", "remove":
+	case "add", "remove", "admin", "unadmin":
 		if len(rest) == 0 {
 			return usageError(usage)
 		}
-		o := wirepb.GroupChange_ADD
-		if op == "remove" {
-			o = wirepb.GroupChange_REMOVE
-		}
+		o := map[string]wirepb.GroupChange_Op{"add": wirepb.GroupChange_ADD, "remove": wirepb.GroupChange_REMOVE,
+			"admin": wirepb.GroupChange_ADMIN, "unadmin": wirepb.GroupChange_UNADMIN}[op]
 		g, err := c.ChangeGroup(ctx, name, o, rest)
 		if err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "group %s: version %d, %d members\n", g.Name, g.Version, len(g.Members))
-		return nil
-	case "admin", "unadmin":
-		if len(rest) == 0 {
-			return usageError(usage)
-		}
-		o := wirepb.GroupChange_ADMIN
-		if op == "unadmin" {
-			o = wirepb.GroupChange_UNADMIN
-		}
-		g, err := c.ChangeGroup(ctx, name, o, rest)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(out, "group %s: version %d\n", g.Name, g.Version)
 		return nil
 	case "who-adds":
 		if len(rest) != 1 || (rest[0] != "admins" && rest[0] != "members") {
