@@ -60,6 +60,8 @@ proto:
 		-I wire wire/ferry.proto
 	protoc --plugin=protoc-gen-go=$(BIN)/protoc-gen-go --go_out=. --go_opt=module=github.com/ferryhq/ferry \
 		-I store/storepb store/storepb/records.proto
+	protoc --plugin=protoc-gen-go=$(BIN)/protoc-gen-go --go_out=. --go_opt=module=github.com/ferryhq/ferry \
+		-I wire -I store/storepb -I route/routepb route/routepb/route.proto
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./inbox/ ./relay/

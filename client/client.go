@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/ferryhq/ferry/client/e2ee"
@@ -54,6 +55,8 @@ type Client struct {
 	dev  *e2ee.Device // nil until registered
 
 	server   string
+	homeMu   sync.Mutex
+	home     string // guarded by homeMu: cluster mode, the node serving this account ("" : server)
 	username string
 	deviceID uint32
 	key      ed25519.PrivateKey
@@ -154,15 +157,16 @@ func (c *Client) Register(ctx context.Context, username string) error {
 	if err != nil {
 		return err
 	}
-	conn, err := Dial(ctx, c.server, DialOptions{ClientName: c.opts.ClientName})
-	if err != nil {
+	var id uint32
+	conn, home, err := DialAs(ctx, c.server, DialOptions{ClientName: c.opts.ClientName}, func(conn *Conn) (err error) {
+		id, err = conn.Register(ctx, username, key, dev.RegistrationID())
 		return err
-	}
-	defer conn.Close()
-	id, err := conn.Register(ctx, username, key, dev.RegistrationID())
+	})
 	if err != nil {
 		return fmt.Errorf("client: register %q: %w", username, err)
 	}
+	defer conn.Close()
+	c.setHome(home)
 	for _, kv := range []struct {
 		k string
 		v []byte
@@ -189,6 +193,23 @@ func (c *Client) Register(ctx context.Context, username string) error {
 	return err
 }
 
+// getHome is the node to dial first: the one last found serving this
+// account, or the configured server.
+func (c *Client) getHome() string {
+	c.homeMu.Lock()
+	defer c.homeMu.Unlock()
+	if c.home != "" {
+		return c.home
+	}
+	return c.server
+}
+
+func (c *Client) setHome(url string) {
+	c.homeMu.Lock()
+	c.home = url
+	c.homeMu.Unlock()
+}
+
 // connect dials and authenticates. A receiving connection also makes sure
 // the server holds this device's keys.
 func (c *Client) connect(ctx context.Context, sendOnly bool) (*Conn, error) {
@@ -198,14 +219,25 @@ func (c *Client) connect(ctx context.Context, sendOnly bool) (*Conn, error) {
 	if c.server == "" {
 		return nil, ErrNoServer
 	}
-	conn, err := Dial(ctx, c.server, DialOptions{ClientName: c.opts.ClientName})
-	if err != nil {
-		return nil, err
+	auth := func(conn *Conn) error {
+		_, err := conn.Auth(ctx, c.username, c.deviceID, c.key, sendOnly)
+		return err
 	}
-	if _, err := conn.Auth(ctx, c.username, c.deviceID, c.key, sendOnly); err != nil {
-		conn.Close()
+	// The node last found serving this account first (cluster mode), then
+	// the configured server, which redirects.
+	home := c.getHome()
+	conn, at, err := DialAs(ctx, home, DialOptions{ClientName: c.opts.ClientName}, auth)
+	if err != nil && home != c.server {
+		conn, at, err = DialAs(ctx, c.server, DialOptions{ClientName: c.opts.ClientName}, auth)
+	}
+	if err != nil {
+		var de *DialError
+		if errors.As(err, &de) {
+			return nil, err
+		}
 		return nil, fmt.Errorf("client: auth as %s.%d: %w", c.username, c.deviceID, err)
 	}
+	c.setHome(at)
 	if !sendOnly {
 		r, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_KeyStatus{KeyStatus: &wirepb.KeyStatus{}}})
 		if err == nil && !r.GetKeyStatus().GetHasSignedPrekey() {

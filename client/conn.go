@@ -358,3 +358,40 @@ func (c *Conn) readLoop() {
 		}
 	}
 }
+
+// MaxRedirects bounds the WRONG_NODE redirects one DialAs follows.
+const MaxRedirects = 4
+
+// Redirect returns the node a WRONG_NODE error points to ("" if err is not
+// one): in cluster mode a device's socket lives on the node that serves its
+// account, and any other node answers Register and Auth with that node's
+// URL.
+func Redirect(err error) string {
+	var we *wire.Error
+	if errors.As(err, &we) && we.Code == wirepb.ErrorCode_WRONG_NODE {
+		return we.Redirect
+	}
+	return ""
+}
+
+// DialAs dials server and runs hello (Register or Auth) on the connection,
+// following cluster redirects (at most MaxRedirects). It returns the
+// connection and the URL of the node it is connected to.
+func DialAs(ctx context.Context, server string, o DialOptions, hello func(*Conn) error) (*Conn, string, error) {
+	for hops := 0; ; hops++ {
+		conn, err := Dial(ctx, server, o)
+		if err != nil {
+			return nil, server, err
+		}
+		err = hello(conn)
+		if err == nil {
+			return conn, server, nil
+		}
+		conn.Close()
+		next := Redirect(err)
+		if next == "" || hops >= MaxRedirects {
+			return nil, server, err
+		}
+		server = next
+	}
+}

@@ -71,6 +71,10 @@ type Options struct {
 	Now func() time.Time
 	// Rand is the source of group ids; nil means crypto/rand.
 	Rand io.Reader
+	// AcceptID, if set, says whether a random id may be a new group's
+	// (cluster mode: only ids on the creator's shard, so a group is created
+	// on the node that serves its creator). Ids are drawn until it agrees.
+	AcceptID func(creator string, id [IDSize]byte) bool
 }
 
 // Store is the group membership store. It is safe for concurrent use.
@@ -199,6 +203,9 @@ func (s *Store) CreateWith(ctx context.Context, creator, name string, members []
 	for {
 		if _, err := io.ReadFull(s.o.Rand, id[:]); err != nil {
 			return nil, fmt.Errorf("group: create: new id: %w: %w", fresh(ErrInternal), err)
+		}
+		if s.o.AcceptID != nil && !s.o.AcceptID(creator, id) {
+			continue
 		}
 		// 128 random bits do not collide; checking costs one read.
 		if _, err := s.load(id); errors.Is(err, ErrUnknownGroup) {

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -578,13 +579,17 @@ func (g *group) accept(conv *counter, seq uint64, sender *devState, clientMsgID 
 
 // append is the op of Append.
 func (g *group) append(m *Send, vals [][]byte) (Accepted, error) {
-	sender, dup, err := g.checkDup(m.Sender, m.ClientMsgID)
+	dedupDev, dedupID := dedupOf(m.Sender, m.DedupAccount, m.ClientMsgID)
+	sender, dup, err := g.checkDup(dedupDev, dedupID)
 	if err != nil || dup != nil {
 		return derefAcc(dup), err
 	}
 	conv, seq, err := g.nextSeq(m.Conversation)
 	if err != nil {
 		return Accepted{}, err
+	}
+	if conv == nil {
+		seq = m.Seq
 	}
 	puts, err := g.planned(g.plan(len(m.Entries), func(i int) (wire.DeviceAddr, []byte) {
 		return m.Entries[i].To, vals[i]
@@ -594,13 +599,23 @@ func (g *group) append(m *Send, vals [][]byte) (Accepted, error) {
 	}
 	// Validated: from here on the op only writes.
 	g.write(puts)
-	return g.accept(conv, seq, sender, m.ClientMsgID), nil
+	return g.accept(conv, seq, sender, dedupID), nil
+}
+
+// dedupOf returns the device and id a send's dedup record is kept under
+// (Send.DedupAccount).
+func dedupOf(sender wire.DeviceAddr, account, clientMsgID string) (wire.DeviceAddr, string) {
+	if account == "" || clientMsgID == "" {
+		return sender, clientMsgID
+	}
+	return wire.DeviceAddr{Account: account}, sender.Account + "." + strconv.FormatUint(uint64(sender.Device), 10) + ":" + clientMsgID
 }
 
 // appendGroup is the op of AppendGroup: body is the marshaled envelope
 // every entry refers to.
 func (g *group) appendGroup(m *GroupAppend, body []byte) (Accepted, error) {
-	sender, dup, err := g.checkDup(m.Sender, m.ClientMsgID)
+	dedupDev, dedupID := dedupOf(m.Sender, m.DedupAccount, m.ClientMsgID)
+	sender, dup, err := g.checkDup(dedupDev, dedupID)
 	if err != nil || dup != nil {
 		return derefAcc(dup), err
 	}
@@ -608,12 +623,15 @@ func (g *group) appendGroup(m *GroupAppend, body []byte) (Accepted, error) {
 	if err != nil {
 		return Accepted{}, err
 	}
+	if conv == nil {
+		seq = m.Seq
+	}
 	key := m.Order
 	if key == "" {
 		key = m.Conversation
 	}
 	if len(m.Recipients) > 0 && (len(m.Recipients) > g.s.o.FanoutInline || g.queued(key)) {
-		return g.queueGroup(m, key, body, conv, seq, sender)
+		return g.queueGroup(m, key, body, conv, seq, sender, dedupID)
 	}
 	var ref bodyRef
 	var ctr *counter
@@ -638,7 +656,7 @@ func (g *group) appendGroup(m *GroupAppend, body []byte) (Accepted, error) {
 		g.count.bodiesStored++
 	}
 	g.write(puts)
-	return g.accept(conv, seq, sender, m.ClientMsgID), nil
+	return g.accept(conv, seq, sender, dedupID), nil
 }
 
 func derefAcc(a *Accepted) Accepted {

@@ -97,7 +97,7 @@ func (g *group) queued(key string) bool {
 // queueGroup is appendGroup's path for a large (or queued) append: it
 // stores the body with a reference for every recipient and a job, and
 // writes no entries.
-func (g *group) queueGroup(m *GroupAppend, key string, body []byte, conv *counter, seq uint64, sender *devState) (Accepted, error) {
+func (g *group) queueGroup(m *GroupAppend, key string, body []byte, conv *counter, seq uint64, sender *devState, dedupID string) (Accepted, error) {
 	if len(g.s.fan.jobs)+len(g.fanNew) >= g.s.o.MaxFanoutJobs {
 		return Accepted{}, ErrFanoutBusy.Clone()
 	}
@@ -130,7 +130,7 @@ func (g *group) queueGroup(m *GroupAppend, key string, body []byte, conv *counte
 	g.fanNew = append(g.fanNew, j)
 	g.count.bodiesStored++
 	g.count.fanQueued++
-	return g.accept(conv, seq, sender, m.ClientMsgID), nil
+	return g.accept(conv, seq, sender, dedupID), nil
 }
 
 // expand writes the next chunk of the oldest job into g (before the

@@ -291,6 +291,15 @@ type Send struct {
 	ClientMsgID  string // "" means no dedup (server-made entries such as receipts)
 	Conversation string // key of the sequence counter; "" means no sequence (Seq 0)
 	Entries      []Entry
+	// Seq, with no Conversation, is a sequence number allocated elsewhere:
+	// in cluster mode by the node that owns the conversation (package route).
+	Seq uint64
+	// DedupAccount, if set, keeps the dedup record under (DedupAccount,
+	// device 0, "<sender>.<device>:<client msg id>") instead of under the
+	// sender device: the part of a send stored on a node that does not own
+	// the sender's shard is deduplicated under an account of its own shard,
+	// so the record moves with that shard.
+	DedupAccount string
 }
 
 // GroupAppend is one group message (or server-made group update) for many
@@ -322,6 +331,9 @@ type GroupAppend struct {
 	// Conversation. Give a group's updates its conversation, so they are not
 	// handed out ahead of messages queued before them.
 	Order string
+	// Seq and DedupAccount are as in Send.
+	Seq          uint64
+	DedupAccount string
 }
 
 // Accepted is the result of a committed (or duplicate) send.
@@ -346,7 +358,7 @@ type Item struct {
 // returns a *FullError (errors.Is ErrInboxFull) and stores nothing for any
 // recipient. m.Entries must not change until Append returns.
 func (s *Store) Append(ctx context.Context, m Send) (Accepted, error) {
-	if len(m.Entries) == 0 {
+	if len(m.Entries) == 0 && m.Conversation == "" {
 		return Accepted{}, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: send has no entries")
 	}
 	vals, err := marshalEntries(m.Entries)

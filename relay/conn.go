@@ -49,6 +49,9 @@ type conn struct {
 	// set by the reader before any handler or the pump starts, read-only after
 	addr     wire.DeviceAddr
 	sendOnly bool
+	// reply, set only on the socketless conn of a forwarded request
+	// (ServeAs, cluster.go), takes the response instead of a socket.
+	reply func(*wirepb.Response)
 
 	closeOnce   sync.Once
 	closeCode   int    // written once in close, read by writeLoop after ctx.Done
@@ -506,6 +509,10 @@ func (c *conn) sendEvent(e *wirepb.Event) bool {
 }
 
 func (c *conn) respond(r *wirepb.Response) {
+	if c.reply != nil {
+		c.reply(r)
+		return
+	}
 	b, err := proto.Marshal(&wirepb.ServerFrame{Body: &wirepb.ServerFrame_Response{Response: r}})
 	if err != nil {
 		c.s.log.Error("relay: marshal response", "err", err)

@@ -71,6 +71,24 @@ type Push interface {
 // (best-effort) and the privacy setting (durable). presence.Store is one.
 type Presence = presence.Backend
 
+// Cluster is what the relay needs of cluster mode (package route); nil in
+// the embedded single-node mode.
+type Cluster interface {
+	// Home returns "" if this node serves account now, else the URL of the
+	// node that does (the client is redirected there); an error (retryable)
+	// when nobody does.
+	Home(ctx context.Context, account string) (redirect string, err error)
+	// Forward runs f as dev on the node that owns the other account or the
+	// group f is about. handled is false when that is this node (or f is
+	// about nothing else), and the relay serves f itself.
+	Forward(ctx context.Context, dev wire.DeviceAddr, f *wirepb.ClientFrame) (res *wirepb.Response, handled bool, err error)
+	// Deliver hands an encoded ServerFrame (typing) to devices of other
+	// nodes' connections, best-effort.
+	Deliver(ctx context.Context, devs []wire.DeviceAddr, frame []byte)
+	// ServesAccount reports whether this node serves account now.
+	ServesAccount(account string) bool
+}
+
 // Deps are the stores the relay serves from.
 type Deps struct {
 	Accounts Accounts
@@ -81,4 +99,6 @@ type Deps struct {
 	// PUSH_UNSUPPORTED).
 	Push     Push
 	Presence Presence // nil: kept in memory only
+	// Cluster routes sockets and requests in cluster mode; nil: one node.
+	Cluster Cluster
 }

@@ -79,6 +79,9 @@ func (c *conn) register(id uint64, r *wirepb.Register) bool {
 	if err := device.ValidateUsername(r.Username); err != nil {
 		return c.badFrame(id, err) // the client may pick another name
 	}
+	if c.redirected(id, "register", r.Username) {
+		return false
+	}
 	if err := device.VerifyRegister(c.challenge, r.Username, r.DeviceKey, r.Signature); err != nil {
 		c.respondErr(id, "register", err)
 		c.close(wire.CloseAuthFailed, "bad registration signature")
@@ -103,6 +106,9 @@ func (c *conn) auth(id uint64, a *wirepb.Auth) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
 	addr := wire.DeviceAddr{Account: a.Username, Device: a.DeviceId}
+	if device.ValidateUsername(a.Username) == nil && c.redirected(id, "auth", a.Username) {
+		return false
+	}
 	d, err := c.s.deps.Accounts.Device(ctx, addr)
 	if err == nil {
 		err = device.VerifyAuth(d, c.challenge, addr, a.Signature)
@@ -146,9 +152,23 @@ func (c *conn) serve(f *wirepb.ClientFrame) {
 		res  *wirepb.Response
 		err  error
 	)
-	if k := sendKind(f); k != "" {
+	if k := sendKind(f); k != "" && c.reply == nil { // a forwarded send was limited on its sender's node
 		if err := c.takeSend(); err != nil {
 			c.respondErr(f.Id, k, err)
+			return
+		}
+	}
+	if c.reply == nil && c.s.deps.Cluster != nil {
+		// Cluster mode: a request about another shard's account or group
+		// runs on that shard's owner.
+		if fres, handled, ferr := c.s.deps.Cluster.Forward(ctx, c.addr, f); handled {
+			if ferr != nil {
+				c.respondErr(f.Id, "forward", ferr)
+				return
+			}
+			fres.Id = f.Id
+			c.s.metrics.requests.WithLabelValues("forward", "OK").Inc()
+			c.respond(fres)
 			return
 		}
 	}

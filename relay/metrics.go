@@ -25,6 +25,8 @@ type metrics struct {
 	typing *prometheus.CounterVec // typing events per recipient connection: queued / dropped
 
 	limits *prometheus.CounterVec // refusals by limit (limits.go)
+
+	redirects prometheus.Counter // cluster mode: Register/Auth sent to the account's node
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -66,9 +68,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Typing events to connected recipient devices: queued, or dropped on a full queue."}, []string{"result"}),
 	}
 	m.limits = newLimitMetric(reg)
+	m.redirects = prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_relay_redirects_total",
+		Help: "Cluster mode: Register or Auth answered WRONG_NODE with the owner's address."})
 	if reg != nil {
 		reg.MustRegister(m.conns, m.authed, m.requests, m.rejected, m.closes, m.sendAck, m.sendDeliver,
-			m.delivered, m.acked, m.receipts, m.queueEmpty, m.groupUpdates, m.groupFanout, m.groupSendAck, m.typing)
+			m.delivered, m.acked, m.receipts, m.queueEmpty, m.groupUpdates, m.groupFanout, m.groupSendAck, m.typing, m.redirects)
 	}
 	return m
 }

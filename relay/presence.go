@@ -71,7 +71,7 @@ func (c *conn) typing(ctx context.Context, m *wirepb.Typing) error {
 	if (m.Peer == "") == (m.GroupId == "") {
 		return wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: typing names exactly one of peer and group_id")
 	}
-	if d := c.s.typingLim.Take(c.addr, time.Now()); d > 0 {
+	if d := c.s.typingLim.Take(c.addr, time.Now()); d > 0 && c.reply == nil {
 		c.s.metrics.rejected.WithLabelValues("typing_rate").Inc()
 		return rateLimited("typing indicators", d)
 	}
@@ -117,6 +117,7 @@ func (c *conn) typing(ctx context.Context, m *wirepb.Typing) error {
 	if err != nil {
 		return err
 	}
+	var elsewhere []wire.DeviceAddr
 	for _, d := range to {
 		if other := c.s.hub.get(d); other != nil {
 			if other.tryEnqueue(b) {
@@ -124,7 +125,12 @@ func (c *conn) typing(ctx context.Context, m *wirepb.Typing) error {
 			} else {
 				c.s.metrics.typing.WithLabelValues("dropped").Inc()
 			}
+		} else if c.s.deps.Cluster != nil && !c.s.deps.Cluster.ServesAccount(d.Account) {
+			elsewhere = append(elsewhere, d)
 		}
+	}
+	if len(elsewhere) > 0 {
+		c.s.deps.Cluster.Deliver(ctx, elsewhere, b)
 	}
 	return nil
 }

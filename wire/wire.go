@@ -88,6 +88,7 @@ const (
 	CloseHandshakeTimeout = 4102
 	CloseInternal         = 4103
 	ClosePingTimeout      = 4104
+	CloseWrongNode        = 4105 // cluster mode: this node does not (any more) serve the account; reconnect (the server's address may redirect)
 )
 
 // CloseReconnects reports whether a client should reconnect after code.
@@ -114,6 +115,7 @@ type Error struct {
 	RetryAfterMs uint32
 	Mismatch     *wirepb.DeviceMismatch
 	Group        *wirepb.GroupInfo // with GROUP_STALE: the current membership
+	Redirect     string            // with WRONG_NODE: the node to connect to
 }
 
 // Error returns the message, or the code's name when there is none.
@@ -134,13 +136,13 @@ func (e *Error) Is(target error) bool {
 // Proto converts to the wire form.
 func (e *Error) Proto() *wirepb.Error {
 	return &wirepb.Error{Code: e.Code, Message: e.Message, Retryable: e.Retryable,
-		RetryAfterMs: e.RetryAfterMs, Mismatch: e.Mismatch, Group: e.Group}
+		RetryAfterMs: e.RetryAfterMs, Mismatch: e.Mismatch, Group: e.Group, Redirect: e.Redirect}
 }
 
 // FromProto converts a received error.
 func FromProto(p *wirepb.Error) *Error {
 	return &Error{Code: p.GetCode(), Message: p.GetMessage(), Retryable: p.GetRetryable(),
-		RetryAfterMs: p.GetRetryAfterMs(), Mismatch: p.GetMismatch(), Group: p.GetGroup()}
+		RetryAfterMs: p.GetRetryAfterMs(), Mismatch: p.GetMismatch(), Group: p.GetGroup(), Redirect: p.GetRedirect()}
 }
 
 // Errorf makes an *Error with a formatted message. Retryable is set from the code.
@@ -151,7 +153,7 @@ func Errorf(code wirepb.ErrorCode, format string, args ...any) *Error {
 func retryableCode(c wirepb.ErrorCode) bool {
 	switch c {
 	case wirepb.ErrorCode_RATE_LIMITED, wirepb.ErrorCode_INBOX_FULL,
-		wirepb.ErrorCode_UNAVAILABLE, wirepb.ErrorCode_INTERNAL:
+		wirepb.ErrorCode_UNAVAILABLE, wirepb.ErrorCode_INTERNAL, wirepb.ErrorCode_WRONG_NODE:
 		return true
 	}
 	return false

@@ -29,6 +29,7 @@ import (
 	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/push"
 	"github.com/ferryhq/ferry/relay"
+	"github.com/ferryhq/ferry/route"
 	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -40,6 +41,7 @@ import (
 )
 
 type config struct {
+	cluster          clusterFlags
 	listen, data     string
 	tlsCert, tlsKey  string
 	acme             acmeFlags
@@ -198,6 +200,7 @@ func main() {
 	fs.StringVar(&p.vapidPublic, "webpush-vapid-public", "", "VAPID public key (base64url); enables Web Push with --webpush-vapid-private")
 	fs.StringVar(&p.vapidPrivateFile, "webpush-vapid-private", "", "file holding the VAPID private key (base64url)")
 	fs.StringVar(&p.vapidSubscriber, "webpush-subscriber", "", "VAPID contact: an e-mail address or https URL")
+	c.cluster.register(fs)
 	_ = fs.Parse(os.Args[1:])
 
 	if err := run(c); err != nil {
@@ -229,6 +232,14 @@ func run(c config) error {
 		store.Collector(db))
 	fatal := make(chan error, 1) // the inbox's OnFatal: storage failed, exit
 
+	var cn *clusterNode
+	if c.cluster.redis != "" {
+		if cn, err = joinCluster(c.cluster, c.listen, certs != nil, db, reg, log); err != nil {
+			db.Close()
+			return err
+		}
+	}
+
 	var srv *relay.Server
 	ib, err := inbox.New(db, inbox.Options{
 		TTL: c.inboxTTL, SweepInterval: c.inboxSweep, MaxDepth: c.inboxMaxDepth, MaxBytes: c.inboxMaxBytes,
@@ -246,7 +257,13 @@ func run(c config) error {
 		db.Close()
 		return err
 	}
-	accounts := device.New(db, device.Options{MaxDevices: c.maxDevices, CacheSize: c.accountCache})
+	localAccounts := device.New(db, device.Options{MaxDevices: c.maxDevices, CacheSize: c.accountCache})
+	var accounts relay.Accounts = localAccounts
+	groupOpts := group.Options{MaxMembers: c.maxGroupMembers}
+	if cn != nil {
+		accounts = cn.router.Accounts(localAccounts)
+		groupOpts.AcceptID = cn.router.AcceptGroupID
+	}
 	providers, err := pushProviders(c.push)
 	if err != nil {
 		ib.Close()
@@ -285,18 +302,29 @@ func run(c config) error {
 		RegisterRate: perMinute(c.limits.registerRate), RegisterBurst: c.limits.registerBurst,
 		MaxConnsPerIP: connsPerIP(c.limits.connsPerIP),
 		ConnRate:      perSecond(c.limits.connRate), ConnBurst: c.limits.connBurst,
-	}, relay.Deps{
-		Accounts: accounts,
+	}, deps(cn, relay.Deps{
+		Accounts: localAccounts,
 		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
 			LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst}),
 		Inbox:    wrapInbox(ib, c.data),
-		Groups:   group.New(db, accounts, group.Options{MaxMembers: c.maxGroupMembers}),
+		Groups:   group.New(db, accounts, groupOpts),
 		Push:     pusher,
 		Presence: presence.NewStore(db),
-	})
+	}))
+	var superseded <-chan error
+	if cn != nil {
+		cn.router.SetRelay(srv)
+		wctx, wcancel := context.WithCancel(context.Background())
+		defer wcancel()
+		go cn.watchShards(wctx, srv, log)
+		superseded = cn.done
+	}
 
 	mux := http.NewServeMux()
 	mux.Handle("/v1/", srv.Handler())
+	if cn != nil {
+		mux.Handle(route.Path, cn.router.Handler())
+	}
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !srv.Ready() {
@@ -342,6 +370,11 @@ func run(c config) error {
 		log.Info("ferryd: stopping", "signal", s.String())
 	case err := <-errc:
 		log.Error("ferryd: listener failed", "err", err)
+	case err := <-superseded:
+		// Another process runs as this node (or the membership failed for
+		// good): this one must not serve its shards any more.
+		log.Error("ferryd: cluster membership ended; stopping", "err", err)
+		cn.done <- err // leave() reads it again
 	case err := <-fatal:
 		// A WAL write or fsync failed: Pebble holds a batch it could not
 		// make durable, so this process must not go on (docs/decisions.md,
@@ -368,6 +401,11 @@ func run(c config) error {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	_ = hs.Shutdown(ctx)
+	if cn != nil {
+		if err := cn.leave(); err != nil {
+			log.Warn("ferryd: leaving the cluster", "err", err)
+		}
+	}
 	if disp != nil {
 		disp.Stop() // queued wake-ups are dropped: they cost only a push
 	}

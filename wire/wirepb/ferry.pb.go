@@ -278,6 +278,7 @@ const (
 	ErrorCode_PUSH_UNSUPPORTED       ErrorCode = 35 // this server has no credentials for that push kind
 	ErrorCode_PUSH_INVALID           ErrorCode = 36 // malformed push token, endpoint or subscription
 	ErrorCode_TOO_MANY_SUBSCRIPTIONS ErrorCode = 40 // SubscribePresence over the per-connection bound
+	ErrorCode_WRONG_NODE             ErrorCode = 55 // cluster mode: another node serves this account; reconnect to Error.redirect
 )
 
 // Enum value maps for ErrorCode.
@@ -317,6 +318,7 @@ var (
 		35: "PUSH_UNSUPPORTED",
 		36: "PUSH_INVALID",
 		40: "TOO_MANY_SUBSCRIPTIONS",
+		55: "WRONG_NODE",
 	}
 	ErrorCode_value = map[string]int32{
 		"ERROR_CODE_UNSPECIFIED": 0,
@@ -353,6 +355,7 @@ var (
 		"PUSH_UNSUPPORTED":       35,
 		"PUSH_INVALID":           36,
 		"TOO_MANY_SUBSCRIPTIONS": 40,
+		"WRONG_NODE":             55,
 	}
 )
 
@@ -5321,7 +5324,8 @@ type Error struct {
 	Retryable     bool                   `protobuf:"varint,3,opt,name=retryable,proto3" json:"retryable,omitempty"` // retrying the same request later may succeed
 	RetryAfterMs  uint32                 `protobuf:"varint,4,opt,name=retry_after_ms,json=retryAfterMs,proto3" json:"retry_after_ms,omitempty"`
 	Mismatch      *DeviceMismatch        `protobuf:"bytes,5,opt,name=mismatch,proto3" json:"mismatch,omitempty"`
-	Group         *GroupInfo             `protobuf:"bytes,6,opt,name=group,proto3" json:"group,omitempty"` // with GROUP_STALE
+	Group         *GroupInfo             `protobuf:"bytes,6,opt,name=group,proto3" json:"group,omitempty"`       // with GROUP_STALE
+	Redirect      string                 `protobuf:"bytes,7,opt,name=redirect,proto3" json:"redirect,omitempty"` // with WRONG_NODE: the WebSocket URL of the node to connect to
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5396,6 +5400,13 @@ func (x *Error) GetGroup() *GroupInfo {
 		return x.Group
 	}
 	return nil
+}
+
+func (x *Error) GetRedirect() string {
+	if x != nil {
+		return x.Redirect
+	}
+	return ""
 }
 
 type DeviceRef struct {
@@ -6400,14 +6411,15 @@ const file_ferry_proto_rawDesc = "" +
 	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\x12\x19\n" +
 	"\bgroup_id\x18\x03 \x01(\tR\agroupId\x12\x16\n" +
 	"\x06typing\x18\x04 \x01(\bR\x06typing\x12\x15\n" +
-	"\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\"\xfe\x01\n" +
+	"\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\"\x9a\x02\n" +
 	"\x05Error\x12,\n" +
 	"\x04code\x18\x01 \x01(\x0e2\x18.ferry.wire.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\x12\x1c\n" +
 	"\tretryable\x18\x03 \x01(\bR\tretryable\x12$\n" +
 	"\x0eretry_after_ms\x18\x04 \x01(\rR\fretryAfterMs\x129\n" +
 	"\bmismatch\x18\x05 \x01(\v2\x1d.ferry.wire.v1.DeviceMismatchR\bmismatch\x12.\n" +
-	"\x05group\x18\x06 \x01(\v2\x18.ferry.wire.v1.GroupInfoR\x05group\"D\n" +
+	"\x05group\x18\x06 \x01(\v2\x18.ferry.wire.v1.GroupInfoR\x05group\x12\x1a\n" +
+	"\bredirect\x18\a \x01(\tR\bredirect\"D\n" +
 	"\tDeviceRef\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\"\xa4\x01\n" +
@@ -6475,7 +6487,7 @@ const file_ferry_proto_rawDesc = "" +
 	"\bEVERYONE\x10\x01\x12\n" +
 	"\n" +
 	"\x06NOBODY\x10\x02\x12\r\n" +
-	"\tALLOWLIST\x10\x03*\xba\x05\n" +
+	"\tALLOWLIST\x10\x03*\xca\x05\n" +
 	"\tErrorCode\x12\x1a\n" +
 	"\x16ERROR_CODE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vBAD_REQUEST\x10\x01\x12\x17\n" +
@@ -6513,7 +6525,9 @@ const file_ferry_proto_rawDesc = "" +
 	"GROUP_FULL\x10\x1e\x12\x14\n" +
 	"\x10PUSH_UNSUPPORTED\x10#\x12\x10\n" +
 	"\fPUSH_INVALID\x10$\x12\x1a\n" +
-	"\x16TOO_MANY_SUBSCRIPTIONS\x10(*V\n" +
+	"\x16TOO_MANY_SUBSCRIPTIONS\x10(\x12\x0e\n" +
+	"\n" +
+	"WRONG_NODE\x107*V\n" +
 	"\bPushKind\x12\x19\n" +
 	"\x15PUSH_KIND_UNSPECIFIED\x10\x00\x12\b\n" +
 	"\x04APNS\x10\x01\x12\a\n" +

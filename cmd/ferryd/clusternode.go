@@ -1,0 +1,158 @@
+package main
+
+// Cluster mode of the server (issue 7; docs/cluster.md, docs/operations.md).
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/ferryhq/ferry/cluster"
+	"github.com/ferryhq/ferry/relay"
+	"github.com/ferryhq/ferry/route"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// clusterFlags are the flags of cluster mode; without --redis the server
+// is the embedded single node.
+type clusterFlags struct {
+	redis      string
+	nodeID     string
+	advertise  string
+	shards     int
+	bootstrap  bool
+	secretFile string
+	prefix     string
+	leaseTTL   time.Duration
+	callTO     time.Duration
+}
+
+func (f *clusterFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.redis, "redis", "", "join a cluster coordinated by this Redis (redis://host:port; a Sentinel set or Redis Cluster: see docs/operations.md); empty: one node, no Redis")
+	fs.StringVar(&f.nodeID, "node-id", "", "this node's id in the cluster, [a-z0-9_-]{1,64}; bound to the data dir (required with --redis)")
+	fs.StringVar(&f.advertise, "advertise", "", "the ws:// or wss:// URL clients are redirected to and other nodes call (default: from --listen)")
+	fs.IntVar(&f.shards, "shards", 0, "shard count when this node creates the cluster (default 256; fixed for the cluster's life)")
+	fs.BoolVar(&f.bootstrap, "cluster-bootstrap", false, "allow this node to create the cluster if Redis has none and this data dir never joined one")
+	fs.StringVar(&f.secretFile, "cluster-secret-file", "", "file holding the secret every node shares (≥ 16 bytes) that authenticates node-to-node calls (required with --redis)")
+	fs.StringVar(&f.prefix, "cluster-prefix", cluster.DefaultPrefix, "prefix of every Redis key of the cluster")
+	fs.DurationVar(&f.leaseTTL, "cluster-lease-ttl", 10*time.Second, "shard lease lifetime in Redis; a node that cannot renew stops serving its shards 4/5 of it after the last renewal")
+	fs.DurationVar(&f.callTO, "cluster-call-timeout", 5*time.Second, "deadline of one node-to-node call")
+}
+
+// clusterNode is a running cluster membership.
+type clusterNode struct {
+	node   *cluster.Node
+	router *route.Router
+	cancel context.CancelFunc
+	done   chan error // Run's result
+}
+
+// joinCluster joins (waiting until Redis answers and the cluster exists)
+// and returns the node with its router.
+func joinCluster(f clusterFlags, listen string, tls bool, db *pebble.DB, reg prometheus.Registerer, log *slog.Logger) (*clusterNode, error) {
+	if f.nodeID == "" {
+		return nil, errors.New("--redis needs --node-id")
+	}
+	if f.secretFile == "" {
+		return nil, errors.New("--redis needs --cluster-secret-file")
+	}
+	secret, err := os.ReadFile(f.secretFile)
+	if err != nil {
+		return nil, fmt.Errorf("cluster secret: %w", err)
+	}
+	secret = bytes.TrimSpace(secret)
+	adv := f.advertise
+	if adv == "" {
+		scheme := "ws"
+		if tls {
+			scheme = "wss"
+		}
+		adv = scheme + "://" + listen
+	}
+	rdb, err := cluster.NewRedis(f.redis)
+	if err != nil {
+		return nil, err
+	}
+	node, err := cluster.NewNode(rdb, cluster.NewStore(db), cluster.Config{
+		NodeID: f.nodeID, Advertise: adv, Shards: f.shards, Bootstrap: f.bootstrap, Prefix: f.prefix,
+		LeaseTTL: f.leaseTTL, Log: log, Registerer: reg,
+	})
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cn := &clusterNode{node: node, cancel: cancel, done: make(chan error, 1)}
+	go func() { cn.done <- node.Run(ctx) }()
+	log.Info("ferryd: joining the cluster", "node", f.nodeID, "advertise", adv)
+	select {
+	case <-node.Ready():
+	case err := <-cn.done:
+		cancel()
+		return nil, fmt.Errorf("cluster: %w", err)
+	}
+	cn.router, err = route.NewRouter(route.Config{Node: node, Secret: secret, Timeout: f.callTO, Log: log, Registerer: reg})
+	if err != nil {
+		cancel()
+		<-cn.done
+		return nil, err
+	}
+	sm, _ := node.ShardMap()
+	log.Info("ferryd: joined the cluster", "node", f.nodeID, "cluster", node.Meta().ID, "shards", sm.Count())
+	return cn, nil
+}
+
+// watchShards closes the sockets of accounts whose shard this node stopped
+// serving, at most every interval, until ctx ends.
+func (cn *clusterNode) watchShards(ctx context.Context, srv *relay.Server, log *slog.Logger) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	prev := cn.node.Fence().Held()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		held := cn.node.Fence().Held()
+		lost := 0
+		for s, e := range prev {
+			if held[s] != e {
+				lost++
+			}
+		}
+		prev = held
+		if lost > 0 {
+			if n := srv.CloseUnserved(); n > 0 {
+				log.Info("ferryd: closed connections of shards no longer served here", "shards", lost, "connections", n)
+			}
+		}
+	}
+}
+
+// leave releases the node's leases and registration (a clean stop).
+func (cn *clusterNode) leave() error {
+	cn.cancel()
+	err := <-cn.done
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
+
+// deps returns the relay's stores: d itself on one node, d routed through
+// the cluster otherwise.
+func deps(cn *clusterNode, d relay.Deps) relay.Deps {
+	if cn == nil {
+		return d
+	}
+	d.Accounts, d.Prekeys, d.Inbox, d.Groups = cn.router.Deps(route.Locals{
+		Accounts: d.Accounts, Prekeys: d.Prekeys, Inbox: d.Inbox, Groups: d.Groups})
+	d.Cluster = cn.router
+	return d
+}

@@ -1,0 +1,635 @@
+package route
+
+import (
+	"context"
+	"encoding/hex"
+	"maps"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ferryhq/ferry/cluster"
+	"github.com/ferryhq/ferry/group"
+	"github.com/ferryhq/ferry/inbox"
+	"github.com/ferryhq/ferry/relay"
+	"github.com/ferryhq/ferry/route/routepb"
+	"github.com/ferryhq/ferry/store/storepb"
+	"github.com/ferryhq/ferry/wire"
+	"github.com/ferryhq/ferry/wire/wirepb"
+)
+
+// Locals are this node's own stores (and relay, for forwarded requests):
+// what calls from other nodes are served from, and what the routed stores
+// use for the shards this node owns.
+type Locals struct {
+	Accounts relay.Accounts
+	Prekeys  relay.Prekeys
+	Inbox    relay.Inbox
+	Groups   relay.Groups
+}
+
+// Deps returns the relay's stores in cluster mode: each call goes to the
+// owner of the shard it is about, and local ones run under the shard's
+// fence.
+func (r *Router) Deps(l Locals) (relay.Accounts, relay.Prekeys, relay.Inbox, relay.Groups) {
+	r.locals = l
+	return &accounts{r, l.Accounts}, &prekeys{r, l.Prekeys}, &routedInbox{r, l.Inbox}, &groups{r, l.Groups}
+}
+
+// Accounts returns the routed form of the local account store alone (the
+// group store needs it before Deps can be called).
+func (r *Router) Accounts(local relay.Accounts) relay.Accounts { return &accounts{r, local} }
+
+// AcceptGroupID is group.Options.AcceptID for cluster mode: a group lives
+// on its creator's shard, so creating one is local.
+func (r *Router) AcceptGroupID(creator string, id [group.IDSize]byte) bool {
+	return r.smap.Group(id) == r.smap.Account(creator)
+}
+
+// ---------------------------------------------------------------- accounts
+
+type accounts struct {
+	r     *Router
+	local relay.Accounts
+}
+
+func (a *accounts) Register(ctx context.Context, username string, signingKey []byte, registrationID uint32) (d *storepb.Device, err error) {
+	err = a.r.guard(a.r.Account(username), func() (err error) {
+		d, err = a.local.Register(ctx, username, signingKey, registrationID)
+		return err
+	})
+	return d, err
+}
+
+// Account reads any account, from its owner.
+func (a *accounts) Account(ctx context.Context, username string) (*storepb.Account, error) {
+	shard := a.r.Account(username)
+	if a.r.Local(shard) {
+		var acct *storepb.Account
+		err := a.r.guard(shard, func() (err error) {
+			acct, err = a.local.Account(ctx, username)
+			return err
+		})
+		return acct, err
+	}
+	rep, err := a.r.call(ctx, "account", &routepb.Call{Shard: uint32(shard),
+		Body: &routepb.Call_Account{Account: &routepb.AccountCall{Username: username}}})
+	if err != nil {
+		return nil, err
+	}
+	acct := rep.GetAccount()
+	if acct == nil {
+		return nil, unavailable(ErrCall, "route: account reply without an account")
+	}
+	return acct, nil
+}
+
+func (a *accounts) Device(ctx context.Context, addr wire.DeviceAddr) (d *storepb.Device, err error) {
+	err = a.r.guard(a.r.Account(addr.Account), func() (err error) {
+		d, err = a.local.Device(ctx, addr)
+		return err
+	})
+	return d, err
+}
+
+func (a *accounts) AddDevice(ctx context.Context, username string, signingKey []byte, registrationID uint32) (d *storepb.Device, err error) {
+	err = a.r.guard(a.r.Account(username), func() (err error) {
+		d, err = a.local.AddDevice(ctx, username, signingKey, registrationID)
+		return err
+	})
+	return d, err
+}
+
+func (a *accounts) RemoveDevice(ctx context.Context, addr wire.DeviceAddr) error {
+	return a.r.guard(a.r.Account(addr.Account), func() error { return a.local.RemoveDevice(ctx, addr) })
+}
+
+// DeviceList is served on the account's owner (GetDeviceList is forwarded
+// there by the relay).
+func (a *accounts) DeviceList(ctx context.Context, username string) (l *wirepb.SignedDeviceList, v uint64, err error) {
+	err = a.r.guard(a.r.Account(username), func() (err error) {
+		l, v, err = a.local.DeviceList(ctx, username)
+		return err
+	})
+	return l, v, err
+}
+
+func (a *accounts) PublishDeviceList(ctx context.Context, username string, signed *wirepb.SignedDeviceList, primaryIdentity []byte) (ids []uint32, err error) {
+	err = a.r.guard(a.r.Account(username), func() (err error) {
+		ids, err = a.local.PublishDeviceList(ctx, username, signed, primaryIdentity)
+		return err
+	})
+	return ids, err
+}
+
+// ---------------------------------------------------------------- prekeys
+
+// prekeys are always the local device's or, for claims, served on the
+// claimed account's owner (ClaimBundles is forwarded there).
+type prekeys struct {
+	r     *Router
+	local relay.Prekeys
+}
+
+func (p *prekeys) Upload(ctx context.Context, dev wire.DeviceAddr, up *wirepb.UploadKeys) (n int, err error) {
+	err = p.r.guard(p.r.Account(dev.Account), func() (err error) {
+		n, err = p.local.Upload(ctx, dev, up)
+		return err
+	})
+	return n, err
+}
+
+func (p *prekeys) Claim(ctx context.Context, requester wire.DeviceAddr, account string, deviceIDs []uint32) (b []*wirepb.PreKeyBundle, err error) {
+	err = p.r.guard(p.r.Account(account), func() (err error) {
+		b, err = p.local.Claim(ctx, requester, account, deviceIDs)
+		return err
+	})
+	return b, err
+}
+
+func (p *prekeys) Count(ctx context.Context, dev wire.DeviceAddr) (n int, signed bool, err error) {
+	err = p.r.guard(p.r.Account(dev.Account), func() (err error) {
+		n, signed, err = p.local.Count(ctx, dev)
+		return err
+	})
+	return n, signed, err
+}
+
+func (p *prekeys) LowThreshold() int { return p.local.LowThreshold() }
+
+func (p *prekeys) IdentityKey(ctx context.Context, dev wire.DeviceAddr) (k []byte, err error) {
+	err = p.r.guard(p.r.Account(dev.Account), func() (err error) {
+		k, err = p.local.IdentityKey(ctx, dev)
+		return err
+	})
+	return k, err
+}
+
+func (p *prekeys) DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error {
+	return p.r.guard(p.r.Account(dev.Account), func() error { return p.local.DeleteDevice(ctx, dev) })
+}
+
+// ---------------------------------------------------------------- groups
+
+type groups struct {
+	r     *Router
+	local relay.Groups
+}
+
+func (g *groups) CreateWith(ctx context.Context, creator, name string, members []string, commit group.CommitFunc) (gr *storepb.Group, err error) {
+	// AcceptGroupID puts the group on the creator's shard.
+	err = g.r.guard(g.r.Account(creator), func() (err error) {
+		gr, err = g.local.CreateWith(ctx, creator, name, members, commit)
+		return err
+	})
+	return gr, err
+}
+
+func (g *groups) shard(id string) (cluster.ShardID, error) {
+	gid, err := group.ParseID(id)
+	if err != nil {
+		return 0, err
+	}
+	return g.r.Group(gid), nil
+}
+
+func (g *groups) Get(ctx context.Context, id string) (gr *storepb.Group, err error) {
+	shard, err := g.shard(id)
+	if err != nil {
+		return nil, err
+	}
+	err = g.r.guard(shard, func() (err error) {
+		gr, err = g.local.Get(ctx, id)
+		return err
+	})
+	return gr, err
+}
+
+func (g *groups) ChangeWith(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string, commit group.CommitFunc) (ch group.Change, err error) {
+	shard, err := g.shard(id)
+	if err != nil {
+		return group.Change{}, err
+	}
+	err = g.r.guard(shard, func() (err error) {
+		ch, err = g.local.ChangeWith(ctx, requester, id, op, members, commit)
+		return err
+	})
+	return ch, err
+}
+
+// ListFor asks every node: a user's groups live on their creators' shards.
+func (g *groups) ListFor(ctx context.Context, username string) ([]*storepb.Group, error) {
+	out, err := g.r.localGroups(ctx, g.local, username)
+	if err != nil {
+		return nil, err
+	}
+	nodes, err := g.r.node.Registry().Nodes(ctx)
+	if err != nil {
+		return nil, unavailable(err, "route: the cluster cannot be reached")
+	}
+	var (
+		mu       sync.Mutex
+		wg       sync.WaitGroup
+		firstErr error
+	)
+	for _, n := range nodes {
+		if !n.Alive || n.ID == g.r.self || n.Advertise == "" {
+			continue
+		}
+		wg.Add(1)
+		go func(adv string) {
+			defer wg.Done()
+			body, err := marshalCall(g.r.self, &routepb.Call{Body: &routepb.Call_ListGroups{ListGroups: &routepb.ListGroupsCall{Username: username}}})
+			var rep *routepb.Reply
+			if err == nil {
+				rep, err = g.r.post(ctx, "list_groups", adv, body)
+			}
+			if err == nil && rep.GetError() != nil {
+				err = wire.FromProto(rep.GetError())
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				if firstErr == nil {
+					firstErr = err
+				}
+				return
+			}
+			out = append(out, rep.GetListGroups().GetGroups()...)
+		}(n.Advertise)
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return nil, unavailable(firstErr, "route: a node did not answer for the group list")
+	}
+	sort.Slice(out, func(i, j int) bool { return string(out[i].Id) < string(out[j].Id) })
+	return out, nil
+}
+
+// localGroups are the groups of username that this node serves.
+func (r *Router) localGroups(ctx context.Context, l relay.Groups, username string) ([]*storepb.Group, error) {
+	all, err := l.ListFor(ctx, username)
+	if err != nil {
+		return nil, err
+	}
+	out := all[:0]
+	for _, g := range all {
+		if len(g.Id) == group.IDSize && r.Local(r.Group([group.IDSize]byte(g.Id))) {
+			out = append(out, g)
+		}
+	}
+	return out, nil
+}
+
+// ---------------------------------------------------------------- inbox
+
+type routedInbox struct {
+	r     *Router
+	local relay.Inbox
+}
+
+// convShard returns the shard that owns a conversation's sequence counter
+// and an account of that shard to keep dedup records under: a 1:1
+// conversation "d:A:B" (A < B) is A's; a group's "g:<hex id>" is the
+// group's (its records go under "#<hex id>", which no username can be).
+func (r *Router) convShard(conv string) (shard cluster.ShardID, anchor string, ok bool) {
+	switch {
+	case strings.HasPrefix(conv, "d:"):
+		a, _, found := strings.Cut(conv[2:], ":")
+		if !found || a == "" {
+			return 0, "", false
+		}
+		return r.Account(a), a, true
+	case strings.HasPrefix(conv, "g:"):
+		id, err := hex.DecodeString(conv[2:])
+		if err != nil || len(id) != group.IDSize {
+			return 0, "", false
+		}
+		return r.Group([group.IDSize]byte(id)), "#" + conv[2:], true
+	}
+	return 0, "", false
+}
+
+// dedupAnchor is the DedupAccount of a part on shard: none (the sender
+// device's own record) on the sender's shard, else an account of shard.
+func (r *Router) dedupAnchor(sender wire.DeviceAddr, shard cluster.ShardID, account string) string {
+	if r.Account(sender.Account) == shard {
+		return ""
+	}
+	return account
+}
+
+func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted, error) {
+	r := ib.r
+	parts := make(map[cluster.ShardID][]inbox.Entry)
+	for _, e := range m.Entries {
+		s := r.Account(e.To.Account)
+		parts[s] = append(parts[s], e)
+	}
+	c, anchor, hasConv := r.convShard(m.Conversation)
+	if m.Conversation != "" && !hasConv {
+		return inbox.Accepted{}, wire.Errorf(wirepb.ErrorCode_INTERNAL, "route: conversation key %q has no owner", m.Conversation)
+	}
+	var acc inbox.Accepted
+	if hasConv {
+		// The conversation's owner first: it allocates the sequence number
+		// (or, for a retry, returns the original one).
+		es := parts[c]
+		delete(parts, c)
+		if anchor2 := firstAccount(es); anchor2 != "" && r.Account(anchor2) == c {
+			anchor = anchor2
+		}
+		var err error
+		acc, err = ib.appendPart(ctx, c, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID,
+			Conversation: m.Conversation, Entries: es, DedupAccount: r.dedupAnchor(m.Sender, c, anchor)})
+		if err != nil {
+			return inbox.Accepted{}, err
+		}
+	}
+	err := eachPart(ctx, parts, func(ctx context.Context, s cluster.ShardID, es []inbox.Entry) error {
+		a, err := ib.appendPart(ctx, s, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID, Seq: acc.Seq,
+			Entries: es, DedupAccount: r.dedupAnchor(m.Sender, s, es[0].To.Account)})
+		if !hasConv && err == nil {
+			acc = a // no sequence: any part's time will do
+		}
+		return err
+	})
+	return acc, err
+}
+
+func firstAccount(es []inbox.Entry) string {
+	if len(es) == 0 {
+		return ""
+	}
+	return es[0].To.Account
+}
+
+// eachPart runs fn for every shard's part concurrently and returns the
+// first error (after all have finished: a part is never abandoned midway).
+func eachPart[T any](ctx context.Context, parts map[cluster.ShardID][]T, fn func(context.Context, cluster.ShardID, []T) error) error {
+	if len(parts) == 1 {
+		for s, es := range parts {
+			return fn(ctx, s, es)
+		}
+	}
+	var (
+		mu       sync.Mutex
+		wg       sync.WaitGroup
+		firstErr error
+	)
+	for s, es := range parts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(ctx, s, es); err != nil {
+				mu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return firstErr
+}
+
+func (ib *routedInbox) appendPart(ctx context.Context, shard cluster.ShardID, m inbox.Send) (acc inbox.Accepted, err error) {
+	if ib.r.Local(shard) {
+		err = ib.r.guard(shard, func() (err error) {
+			acc, err = ib.local.Append(ctx, m)
+			return err
+		})
+		return acc, err
+	}
+	call := &routepb.AppendCall{Sender: m.Sender.Account, SenderDevice: m.Sender.Device, ClientMsgId: m.ClientMsgID,
+		DedupAccount: m.DedupAccount, Conversation: m.Conversation, Seq: m.Seq, Entries: entriesPB(m.Entries)}
+	rep, err := ib.r.call(ctx, "append", &routepb.Call{Shard: uint32(shard), Body: &routepb.Call_Append{Append: call}})
+	if err != nil {
+		return inbox.Accepted{}, err
+	}
+	return acceptedOf(rep.GetAccepted()), nil
+}
+
+func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (inbox.Accepted, error) {
+	r := ib.r
+	parts := make(map[cluster.ShardID][]wire.DeviceAddr)
+	for _, d := range m.Recipients {
+		s := r.Account(d.Account)
+		parts[s] = append(parts[s], d)
+	}
+	key := m.Conversation
+	if key == "" {
+		key = m.Order
+	}
+	c, anchor, ok := r.convShard(key)
+	if !ok {
+		return inbox.Accepted{}, wire.Errorf(wirepb.ErrorCode_INTERNAL, "route: group append without a group conversation")
+	}
+	// The group's owner first, with the membership writes (Also): it
+	// allocates the sequence number and holds the dedup record.
+	first := m
+	first.Recipients = parts[c]
+	first.DedupAccount = r.dedupAnchor(m.Sender, c, anchor)
+	delete(parts, c)
+	if !r.Local(c) {
+		if len(m.Also) > 0 {
+			return inbox.Accepted{}, unavailable(ErrNotOwner, "route: group %s is not served by this node", key)
+		}
+	}
+	acc, err := ib.appendGroupPart(ctx, c, first)
+	if err != nil {
+		return inbox.Accepted{}, err
+	}
+	rest := m
+	rest.Conversation, rest.Seq, rest.Also = "", acc.Seq, nil
+	send := func(ctx context.Context, s cluster.ShardID, to []wire.DeviceAddr) error {
+		p := rest
+		p.Recipients = to
+		p.DedupAccount = r.dedupAnchor(m.Sender, s, to[0].Account)
+		_, err := ib.appendGroupPart(ctx, s, p)
+		return err
+	}
+	if m.ClientMsgID != "" {
+		// A client's message: a failed part fails the send, and the
+		// client's retry (same id) redoes only what is missing.
+		return acc, eachPart(ctx, parts, send)
+	}
+	// A server-made update (membership change) is committed on the
+	// group's owner already: deliver the other parts with retries
+	// rather than fail a change that happened.
+	err = eachPart(ctx, parts, func(ctx context.Context, s cluster.ShardID, to []wire.DeviceAddr) error {
+		var err error
+		for attempt := 0; attempt < 5; attempt++ {
+			if err = send(ctx, s, to); err == nil {
+				return nil
+			}
+			select {
+			case <-ctx.Done():
+				return err
+			case <-time.After(time.Duration(100<<attempt) * time.Millisecond):
+			}
+		}
+		return err
+	})
+	if err != nil {
+		r.log.Error("route: group update not delivered to every shard", "group", key, "err", err)
+	}
+	return acc, nil
+}
+
+func (ib *routedInbox) appendGroupPart(ctx context.Context, shard cluster.ShardID, m inbox.GroupAppend) (acc inbox.Accepted, err error) {
+	if ib.r.Local(shard) {
+		err = ib.r.guard(shard, func() (err error) {
+			acc, err = ib.local.AppendGroup(ctx, m)
+			return err
+		})
+		return acc, err
+	}
+	call := &routepb.AppendGroupCall{Sender: m.Sender.Account, SenderDevice: m.Sender.Device, ClientMsgId: m.ClientMsgID,
+		DedupAccount: m.DedupAccount, Conversation: m.Conversation, Seq: m.Seq, Env: m.Env, Body: m.Body,
+		NoQuota: m.NoQuota, Order: m.Order}
+	for _, d := range m.Recipients {
+		call.Recipients = append(call.Recipients, &wirepb.DeviceRef{Username: d.Account, DeviceId: d.Device})
+	}
+	rep, err := ib.r.call(ctx, "append_group", &routepb.Call{Shard: uint32(shard), Body: &routepb.Call_AppendGroup{AppendGroup: call}})
+	if err != nil {
+		return inbox.Accepted{}, err
+	}
+	return acceptedOf(rep.GetAccepted()), nil
+}
+
+// Lookup finds nothing in cluster mode: a send's parts may live on several
+// nodes, and only Append, part by part, can tell what is already stored
+// (each part deduplicates itself; the conversation's owner returns the
+// original sequence number).
+func (ib *routedInbox) Lookup(context.Context, wire.DeviceAddr, string) (inbox.Accepted, bool, error) {
+	return inbox.Accepted{}, false, nil
+}
+
+func (ib *routedInbox) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) (items []inbox.Item, err error) {
+	err = ib.r.guard(ib.r.Account(dev.Account), func() (err error) {
+		items, err = ib.local.Range(ctx, dev, after, limit)
+		return err
+	})
+	return items, err
+}
+
+func (ib *routedInbox) RangeRaw(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) (items []inbox.Item, err error) {
+	err = ib.r.guard(ib.r.Account(dev.Account), func() (err error) {
+		items, err = ib.local.RangeRaw(ctx, dev, after, limit)
+		return err
+	})
+	return items, err
+}
+
+func (ib *routedInbox) Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (env *wirepb.Envelope, err error) {
+	err = ib.r.guard(ib.r.Account(dev.Account), func() (err error) {
+		env, err = ib.local.Get(ctx, dev, id)
+		return err
+	})
+	return env, err
+}
+
+// Ack deletes locally; the receipt markers it leaves for senders on other
+// shards are stored on their owners first (markers keep the highest
+// sequence, so one stored twice after a failed ack is harmless).
+func (ib *routedInbox) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]inbox.Entry) (deleted []uint64, err error) {
+	shard := ib.r.Account(dev.Account)
+	var remote []inbox.Entry
+	local, copied := follow, false
+	for id, es := range follow {
+		var keep []inbox.Entry
+		for _, e := range es {
+			if ib.r.Account(e.To.Account) == shard {
+				keep = append(keep, e)
+			} else {
+				remote = append(remote, e)
+			}
+		}
+		if len(keep) == len(es) {
+			continue
+		}
+		if !copied {
+			local, copied = maps.Clone(follow), true
+		}
+		if len(keep) == 0 {
+			delete(local, id)
+		} else {
+			local[id] = keep
+		}
+	}
+	if len(remote) > 0 {
+		if _, err := ib.AppendMarkers(ctx, remote); err != nil {
+			return nil, err
+		}
+	}
+	err = ib.r.guard(shard, func() (err error) {
+		deleted, err = ib.local.Ack(ctx, dev, ids, local)
+		return err
+	})
+	return deleted, err
+}
+
+func (ib *routedInbox) AppendMarkers(ctx context.Context, entries []inbox.Entry) (int, error) {
+	parts := make(map[cluster.ShardID][]inbox.Entry)
+	for _, e := range entries {
+		s := ib.r.Account(e.To.Account)
+		parts[s] = append(parts[s], e)
+	}
+	var (
+		mu    sync.Mutex
+		total int
+	)
+	err := eachPart(ctx, parts, func(ctx context.Context, s cluster.ShardID, es []inbox.Entry) error {
+		var n int
+		var err error
+		if ib.r.Local(s) {
+			err = ib.r.guard(s, func() (err error) {
+				n, err = ib.local.AppendMarkers(ctx, es)
+				return err
+			})
+		} else {
+			var rep *routepb.Reply
+			rep, err = ib.r.call(ctx, "markers", &routepb.Call{Shard: uint32(s),
+				Body: &routepb.Call_Markers{Markers: &routepb.MarkersCall{Entries: entriesPB(es)}}})
+			n = int(rep.GetMarkers().GetStored())
+		}
+		mu.Lock()
+		total += n
+		mu.Unlock()
+		return err
+	})
+	return total, err
+}
+
+func (ib *routedInbox) DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error {
+	return ib.r.guard(ib.r.Account(dev.Account), func() error { return ib.local.DeleteDevice(ctx, dev) })
+}
+
+// ---------------------------------------------------------------- conversions
+
+func entriesPB(es []inbox.Entry) []*routepb.Entry {
+	out := make([]*routepb.Entry, len(es))
+	for i, e := range es {
+		out[i] = &routepb.Entry{Username: e.To.Account, DeviceId: e.To.Device, Env: e.Env, Coalesce: e.Coalesce}
+	}
+	return out
+}
+
+func entriesOf(es []*routepb.Entry) []inbox.Entry {
+	out := make([]inbox.Entry, len(es))
+	for i, e := range es {
+		out[i] = inbox.Entry{To: wire.DeviceAddr{Account: e.Username, Device: e.DeviceId}, Env: e.Env, Coalesce: e.Coalesce}
+	}
+	return out
+}
+
+func acceptedOf(a *routepb.Accepted) inbox.Accepted {
+	return inbox.Accepted{Seq: a.GetSeq(), ServerTime: time.UnixMilli(a.GetServerTimeMs()), Duplicate: a.GetDuplicate()}
+}
+
+func acceptedPB(a inbox.Accepted) *routepb.Accepted {
+	return &routepb.Accepted{Seq: a.Seq, ServerTimeMs: a.ServerTime.UnixMilli(), Duplicate: a.Duplicate}
+}
