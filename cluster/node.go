@@ -35,6 +35,11 @@ type Config struct {
 	// NoFreshClaims: never claim a never-owned shard (it only takes shards
 	// it is home of, or those given to it with Claim).
 	NoFreshClaims bool
+	// ExpectNodes is the node count the cluster is being started with: a
+	// node claims at most ceil(shards / max(live nodes, ExpectNodes))
+	// never-owned shards, so nodes started together split them evenly
+	// (shards still unclaimed after three rounds are taken regardless).
+	ExpectNodes int
 	// Prefix of every Redis key (DefaultPrefix).
 	Prefix string
 	// LeaseTTL is the lease lifetime in Redis (10 s). A node whose renewals
@@ -505,7 +510,8 @@ func (n *Node) claimFresh(ctx context.Context, meta Meta) error {
 			alive++
 		}
 	}
-	share := (meta.Shards + max(alive, 1) - 1) / max(alive, 1)
+	alive = max(alive, n.cfg.ExpectNodes, 1)
+	share := (meta.Shards + alive - 1) / alive
 	mine := len(n.fence.Held())
 	var errs []error
 	for _, s := range unclaimed {

@@ -20,7 +20,7 @@ func forwardable(f *wirepb.ClientFrame) bool {
 	switch f.Body.(type) {
 	case *wirepb.ClientFrame_ClaimBundles, *wirepb.ClientFrame_GetDeviceList,
 		*wirepb.ClientFrame_GetGroup, *wirepb.ClientFrame_GroupChange, *wirepb.ClientFrame_GroupSend,
-		*wirepb.ClientFrame_MarkRead, *wirepb.ClientFrame_Typing:
+		*wirepb.ClientFrame_MarkRead, *wirepb.ClientFrame_Typing, *wirepb.ClientFrame_SyncToDevice:
 		return true
 	}
 	return false

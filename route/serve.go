@@ -240,6 +240,10 @@ func (r *Router) frameShard(f *wirepb.ClientFrame) (cluster.ShardID, bool) {
 		return r.Account(b.ClaimBundles.Username), true
 	case *wirepb.ClientFrame_GetDeviceList:
 		return r.Account(b.GetDeviceList.Username), true
+	case *wirepb.ClientFrame_SyncToDevice:
+		if b.SyncToDevice.Username != "" { // another account's device (sender keys)
+			return r.Account(b.SyncToDevice.Username), true
+		}
 	case *wirepb.ClientFrame_GetGroup:
 		return groupShard(b.GetGroup.GroupId)
 	case *wirepb.ClientFrame_GroupChange:

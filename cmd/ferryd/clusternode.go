@@ -30,6 +30,7 @@ type clusterFlags struct {
 	secretFile string
 	prefix     string
 	leaseTTL   time.Duration
+	expect     int
 	callTO     time.Duration
 }
 
@@ -42,6 +43,7 @@ func (f *clusterFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.secretFile, "cluster-secret-file", "", "file holding the secret every node shares (≥ 16 bytes) that authenticates node-to-node calls (required with --redis)")
 	fs.StringVar(&f.prefix, "cluster-prefix", cluster.DefaultPrefix, "prefix of every Redis key of the cluster")
 	fs.DurationVar(&f.leaseTTL, "cluster-lease-ttl", 10*time.Second, "shard lease lifetime in Redis; a node that cannot renew stops serving its shards 4/5 of it after the last renewal")
+	fs.IntVar(&f.expect, "cluster-expect-nodes", 0, "nodes the new cluster is started with: each claims at most its share of the never-owned shards")
 	fs.DurationVar(&f.callTO, "cluster-call-timeout", 5*time.Second, "deadline of one node-to-node call")
 }
 
@@ -81,7 +83,7 @@ func joinCluster(f clusterFlags, listen string, tls bool, db *pebble.DB, reg pro
 	}
 	node, err := cluster.NewNode(rdb, cluster.NewStore(db), cluster.Config{
 		NodeID: f.nodeID, Advertise: adv, Shards: f.shards, Bootstrap: f.bootstrap, Prefix: f.prefix,
-		LeaseTTL: f.leaseTTL, Log: log, Registerer: reg,
+		LeaseTTL: f.leaseTTL, ExpectNodes: f.expect, Log: log, Registerer: reg,
 	})
 	if err != nil {
 		return nil, err
