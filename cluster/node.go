@@ -40,6 +40,14 @@ type Config struct {
 	// never-owned shards, so nodes started together split them evenly
 	// (shards still unclaimed after three rounds are taken regardless).
 	ExpectNodes int
+	// ServeThroughOutage keeps serving the shards this node holds while
+	// Redis cannot be reached (each failed round extends their local
+	// deadlines), instead of stopping TTL − margin after the last renewal.
+	// Safe because nothing in the cluster takes a shard from a live node on
+	// its own: a move needs the source's cooperation, and an operator may
+	// force a claim only of a node that is down (docs/cluster.md, "Redis
+	// down"). Once Redis answers again, a lease found taken is dropped.
+	ServeThroughOutage bool
 	// Prefix of every Redis key (DefaultPrefix).
 	Prefix string
 	// LeaseTTL is the lease lifetime in Redis (10 s). A node whose renewals
@@ -102,6 +110,7 @@ type metrics struct {
 	acquired prometheus.Counter
 	lost     *prometheus.CounterVec
 	redisErr prometheus.Counter
+	outage   prometheus.Counter
 }
 
 func newMetrics(r prometheus.Registerer) *metrics {
@@ -115,9 +124,11 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			[]string{"reason"}),
 		redisErr: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_cluster_redis_errors_total",
 			Help: "Maintenance rounds that failed to reach Redis."}),
+		outage: prometheus.NewCounter(prometheus.CounterOpts{Name: "ferry_cluster_outage_rounds_total",
+			Help: "Maintenance rounds that kept serving held shards while Redis could not be reached (ServeThroughOutage)."}),
 	}
 	if r != nil {
-		r.MustRegister(m.held, m.acquired, m.lost, m.redisErr)
+		r.MustRegister(m.held, m.acquired, m.lost, m.redisErr, m.outage)
 	}
 	return m
 }
@@ -260,10 +271,12 @@ func (n *Node) Tick(ctx context.Context) error {
 	if n.superseded {
 		return ErrSuperseded
 	}
+	sent := n.cfg.Clock()
 	meta, err := n.join(ctx)
 	if err != nil {
 		if errors.Is(err, ErrRedis) {
 			n.m.redisErr.Inc()
+			n.outage(sent)
 		}
 		return err
 	}
@@ -393,7 +406,22 @@ func (n *Node) renew(ctx context.Context) error {
 			redisErr = err // the grant lapses at its deadline unless a later renewal works
 		}
 	}
+	if redisErr != nil {
+		n.outage(sent)
+	}
 	return redisErr
+}
+
+// outage extends every grant from sent when ServeThroughOutage is set: a
+// round that could not reach Redis.
+func (n *Node) outage(sent time.Time) {
+	if !n.cfg.ServeThroughOutage {
+		return
+	}
+	for s, g := range n.fence.grants() {
+		n.fence.grant(s, g.epoch, n.deadline(sent))
+	}
+	n.m.outage.Inc()
 }
 
 // take acquires shard (fresh: only if never owned) and, once the epoch is

@@ -499,3 +499,61 @@ func TestNodeRun(t *testing.T) {
 		t.Fatalf("held after Run returned: %v", h)
 	}
 }
+
+// With ServeThroughOutage a node keeps its shards while Redis is down, past
+// every deadline, and takes them back at higher epochs once Redis returns
+// empty; a lease found taken when Redis answers again is dropped.
+func TestServeThroughOutage(t *testing.T) {
+	srv := redistest.Start(t)
+	ctx := ctxT(t)
+	rdb := testClient(t, srv)
+	clk := &testClock{}
+	a := testNode(t, rdb, nil, Config{NodeID: "a", Bootstrap: true, Shards: 3, ServeThroughOutage: true, Clock: clk.now})
+	if err := a.Tick(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := a.Fence().Held()
+	if len(before) != 3 {
+		t.Fatalf("a holds %v, want 3 shards", before)
+	}
+	srv.Kill()
+	for range 3 {
+		clk.jump(5 * time.Second) // past a 2 s TTL each time
+		if err := a.Tick(ctx); !errors.Is(err, ErrRedis) {
+			t.Fatalf("tick with redis down = %v, want ErrRedis", err)
+		}
+		if h := a.Fence().Held(); len(h) != 3 {
+			t.Fatalf("a serves %v during the outage, want its 3 shards", h)
+		}
+	}
+	srv.Restart()
+	eventuallyErr(t, "shards re-acquired", func() (bool, error) {
+		err := a.Tick(ctx)
+		h := a.Fence().Held()
+		for s, e := range before {
+			if h[s] <= e {
+				return false, err
+			}
+		}
+		return true, nil
+	})
+	// Another node takes shard 0 while a cannot see Redis (an operator's
+	// forced claim): when a reaches Redis again it drops the shard.
+	srv.Kill()
+	clk.jump(5 * time.Second)
+	_ = a.Tick(ctx)
+	if _, ok := a.Fence().Epoch(0); !ok {
+		t.Fatal("a dropped shard 0 during the outage")
+	}
+	srv.Restart()
+	other := NewLeases(rdb, "")
+	eventuallyErr(t, "shard 0 taken by b", func() (bool, error) {
+		_, err := other.Acquire(ctx, 0, Holder{Node: "b", Instance: "x"}, time.Minute, 100)
+		return err == nil, err
+	})
+	eventuallyErr(t, "a drops shard 0", func() (bool, error) {
+		err := a.Tick(ctx)
+		_, ok := a.Fence().Epoch(0)
+		return !ok, err
+	})
+}

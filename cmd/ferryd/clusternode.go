@@ -31,6 +31,7 @@ type clusterFlags struct {
 	prefix     string
 	leaseTTL   time.Duration
 	expect     int
+	strict     bool
 	callTO     time.Duration
 }
 
@@ -44,6 +45,7 @@ func (f *clusterFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.prefix, "cluster-prefix", cluster.DefaultPrefix, "prefix of every Redis key of the cluster")
 	fs.DurationVar(&f.leaseTTL, "cluster-lease-ttl", 10*time.Second, "shard lease lifetime in Redis; a node that cannot renew stops serving its shards 4/5 of it after the last renewal")
 	fs.IntVar(&f.expect, "cluster-expect-nodes", 0, "nodes the new cluster is started with: each claims at most its share of the never-owned shards")
+	fs.BoolVar(&f.strict, "cluster-strict-leases", false, "stop serving this node's shards when Redis cannot be reached for a lease TTL (default: keep serving them through a Redis outage; see docs/cluster.md)")
 	fs.DurationVar(&f.callTO, "cluster-call-timeout", 5*time.Second, "deadline of one node-to-node call")
 }
 
@@ -83,7 +85,7 @@ func joinCluster(f clusterFlags, listen string, tls bool, db *pebble.DB, reg pro
 	}
 	node, err := cluster.NewNode(rdb, cluster.NewStore(db), cluster.Config{
 		NodeID: f.nodeID, Advertise: adv, Shards: f.shards, Bootstrap: f.bootstrap, Prefix: f.prefix,
-		LeaseTTL: f.leaseTTL, ExpectNodes: f.expect, Log: log, Registerer: reg,
+		LeaseTTL: f.leaseTTL, ExpectNodes: f.expect, ServeThroughOutage: !f.strict, Log: log, Registerer: reg,
 	})
 	if err != nil {
 		return nil, err
