@@ -166,6 +166,10 @@ type Node struct {
 	lastErr      string          // last maintenance error logged
 	superseded   bool            // another process runs as this node: do nothing more
 
+	// guarded by holdMu: shards being moved away, not to be re-acquired
+	holdMu sync.Mutex
+	holds  map[ShardID]bool
+
 	// guarded by devMu
 	devMu   sync.Mutex
 	devices map[DeviceRef]struct{}
@@ -486,7 +490,7 @@ func (n *Node) reacquireHome(ctx context.Context) error {
 		if r.Home == 0 || int(s) >= sm.Count() {
 			continue
 		}
-		if _, ok := held[s]; ok {
+		if _, ok := held[s]; ok || n.holding(s) {
 			continue
 		}
 		if _, err := n.take(ctx, s, false); err != nil && !errors.Is(err, ErrHeld) {
@@ -586,6 +590,39 @@ func (n *Node) Claim(ctx context.Context, s ShardID) (uint64, error) {
 		return 0, err
 	}
 	return n.take(ctx, s, false)
+}
+
+// Hold keeps this node from re-acquiring shard, which it is home of, until
+// Unhold: a move of the shard away is in progress (its lease is released
+// while its data is copied).
+func (n *Node) Hold(s ShardID) {
+	n.holdMu.Lock()
+	defer n.holdMu.Unlock()
+	if n.holds == nil {
+		n.holds = make(map[ShardID]bool)
+	}
+	n.holds[s] = true
+}
+
+// Unhold ends Hold.
+func (n *Node) Unhold(s ShardID) {
+	n.holdMu.Lock()
+	defer n.holdMu.Unlock()
+	delete(n.holds, s)
+}
+
+func (n *Node) holding(s ShardID) bool {
+	n.holdMu.Lock()
+	defer n.holdMu.Unlock()
+	return n.holds[s]
+}
+
+// Moved records that shard's data now lives on another node, which holds
+// its lease: this node is no longer its home.
+func (n *Node) Moved(s ShardID) error {
+	n.tickMu.Lock()
+	defer n.tickMu.Unlock()
+	return n.st.ClearHome(s)
 }
 
 // Release stops serving shard at once and gives its lease up, keeping this

@@ -94,6 +94,7 @@ type Router struct {
 	m     *metrics
 
 	locals Locals                       // set by Deps, before serving
+	data   ShardData                    // set by SetShardData, before serving
 	srv    atomic.Pointer[relay.Server] // set by SetRelay
 
 	mu     sync.Mutex

@@ -100,8 +100,12 @@ func wrongNode(shard cluster.ShardID) *routepb.Reply {
 
 func (r *Router) serve(ctx context.Context, c *routepb.Call) *routepb.Reply {
 	shard := cluster.ShardID(c.Shard)
-	if _, ok := c.Body.(*routepb.Call_ListGroups); !ok && !r.Local(shard) {
-		return wrongNode(shard)
+	switch c.Body.(type) {
+	case *routepb.Call_ListGroups, *routepb.Call_Import:
+	default:
+		if !r.Local(shard) {
+			return wrongNode(shard)
+		}
 	}
 	l := r.locals
 	var rep *routepb.Reply
@@ -198,6 +202,18 @@ func (r *Router) serve(ctx context.Context, c *routepb.Call) *routepb.Reply {
 			n := srv.DeliverLocal(devs, b.Event.Event)
 			rep = &routepb.Reply{Result: &routepb.Reply_Event{Event: &routepb.EventResult{Queued: uint32(n)}}}
 			return nil
+		case *routepb.Call_Move:
+			mctx, cancel := context.WithTimeout(context.Background(), moveTimeout)
+			defer cancel()
+			res, err := r.moveOut(mctx, shard, b.Move.TargetNode)
+			rep = &routepb.Reply{Result: &routepb.Reply_Move{Move: res}}
+			return err
+		case *routepb.Call_Import:
+			mctx, cancel := context.WithTimeout(context.Background(), moveTimeout)
+			defer cancel()
+			res, err := r.importShard(mctx, shard, b.Import.Records)
+			rep = &routepb.Reply{Result: &routepb.Reply_Move{Move: res}}
+			return err
 		}
 		rep = badCall("unknown call")
 		return nil

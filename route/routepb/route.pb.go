@@ -53,6 +53,8 @@ type Call struct {
 	//	*Call_Forward
 	//	*Call_ListGroups
 	//	*Call_Event
+	//	*Call_Move
+	//	*Call_Import
 	Body          isCall_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -172,6 +174,24 @@ func (x *Call) GetEvent() *EventCall {
 	return nil
 }
 
+func (x *Call) GetMove() *MoveCall {
+	if x != nil {
+		if x, ok := x.Body.(*Call_Move); ok {
+			return x.Move
+		}
+	}
+	return nil
+}
+
+func (x *Call) GetImport() *ImportCall {
+	if x != nil {
+		if x, ok := x.Body.(*Call_Import); ok {
+			return x.Import
+		}
+	}
+	return nil
+}
+
 type isCall_Body interface {
 	isCall_Body()
 }
@@ -204,6 +224,14 @@ type Call_Event struct {
 	Event *EventCall `protobuf:"bytes,16,opt,name=event,proto3,oneof"`
 }
 
+type Call_Move struct {
+	Move *MoveCall `protobuf:"bytes,17,opt,name=move,proto3,oneof"`
+}
+
+type Call_Import struct {
+	Import *ImportCall `protobuf:"bytes,18,opt,name=import,proto3,oneof"`
+}
+
 func (*Call_Account) isCall_Body() {}
 
 func (*Call_Append) isCall_Body() {}
@@ -218,6 +246,10 @@ func (*Call_ListGroups) isCall_Body() {}
 
 func (*Call_Event) isCall_Body() {}
 
+func (*Call_Move) isCall_Body() {}
+
+func (*Call_Import) isCall_Body() {}
+
 type Reply struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Error *wirepb.Error          `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"` // set when the call failed; then no result is set
@@ -229,6 +261,7 @@ type Reply struct {
 	//	*Reply_Response
 	//	*Reply_ListGroups
 	//	*Reply_Event
+	//	*Reply_Move
 	Result        isReply_Result `protobuf_oneof:"result"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -332,6 +365,15 @@ func (x *Reply) GetEvent() *EventResult {
 	return nil
 }
 
+func (x *Reply) GetMove() *MoveResult {
+	if x != nil {
+		if x, ok := x.Result.(*Reply_Move); ok {
+			return x.Move
+		}
+	}
+	return nil
+}
+
 type isReply_Result interface {
 	isReply_Result()
 }
@@ -360,6 +402,10 @@ type Reply_Event struct {
 	Event *EventResult `protobuf:"bytes,16,opt,name=event,proto3,oneof"`
 }
 
+type Reply_Move struct {
+	Move *MoveResult `protobuf:"bytes,17,opt,name=move,proto3,oneof"` // move and import
+}
+
 func (*Reply_Account) isReply_Result() {}
 
 func (*Reply_Accepted) isReply_Result() {}
@@ -371,6 +417,8 @@ func (*Reply_Response) isReply_Result() {}
 func (*Reply_ListGroups) isReply_Result() {}
 
 func (*Reply_Event) isReply_Result() {}
+
+func (*Reply_Move) isReply_Result() {}
 
 // AccountCall reads an account record (its devices) on its owner.
 type AccountCall struct {
@@ -1110,11 +1158,158 @@ func (x *EventResult) GetQueued() uint32 {
 	return 0
 }
 
+// MoveCall (operator → the shard's owner, from `ferryd cluster move`) moves
+// the call's shard to target_node: the owner fences the shard, exports
+// its records, has the target import them and take the shard's lease, then
+// drops its copy. Answered when the target serves the shard.
+type MoveCall struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TargetNode    string                 `protobuf:"bytes,1,opt,name=target_node,json=targetNode,proto3" json:"target_node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MoveCall) Reset() {
+	*x = MoveCall{}
+	mi := &file_route_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MoveCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MoveCall) ProtoMessage() {}
+
+func (x *MoveCall) ProtoReflect() protoreflect.Message {
+	mi := &file_route_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MoveCall.ProtoReflect.Descriptor instead.
+func (*MoveCall) Descriptor() ([]byte, []int) {
+	return file_route_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *MoveCall) GetTargetNode() string {
+	if x != nil {
+		return x.TargetNode
+	}
+	return ""
+}
+
+type MoveResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Epoch         uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`     // the target's epoch for the shard
+	Records       uint32                 `protobuf:"varint,2,opt,name=records,proto3" json:"records,omitempty"` // records moved
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MoveResult) Reset() {
+	*x = MoveResult{}
+	mi := &file_route_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MoveResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MoveResult) ProtoMessage() {}
+
+func (x *MoveResult) ProtoReflect() protoreflect.Message {
+	mi := &file_route_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MoveResult.ProtoReflect.Descriptor instead.
+func (*MoveResult) Descriptor() ([]byte, []int) {
+	return file_route_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *MoveResult) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *MoveResult) GetRecords() uint32 {
+	if x != nil {
+		return x.Records
+	}
+	return 0
+}
+
+// ImportCall (the moving owner → the target) hands over every record of
+// the call's shard (each an encoded ferry.store.v1.ShardRecord); the target
+// stores them durably and claims the shard.
+type ImportCall struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Records       [][]byte               `protobuf:"bytes,1,rep,name=records,proto3" json:"records,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImportCall) Reset() {
+	*x = ImportCall{}
+	mi := &file_route_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImportCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImportCall) ProtoMessage() {}
+
+func (x *ImportCall) ProtoReflect() protoreflect.Message {
+	mi := &file_route_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImportCall.ProtoReflect.Descriptor instead.
+func (*ImportCall) Descriptor() ([]byte, []int) {
+	return file_route_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ImportCall) GetRecords() [][]byte {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
 var File_route_proto protoreflect.FileDescriptor
 
 const file_route_proto_rawDesc = "" +
 	"\n" +
-	"\vroute.proto\x12\x0eferry.route.v1\x1a\vferry.proto\x1a\rrecords.proto\"\xde\x03\n" +
+	"\vroute.proto\x12\x0eferry.route.v1\x1a\vferry.proto\x1a\rrecords.proto\"\xc4\x04\n" +
 	"\x04Call\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\rR\x05shard\x12\x1b\n" +
 	"\tfrom_node\x18\x02 \x01(\tR\bfromNode\x127\n" +
@@ -1126,8 +1321,10 @@ const file_route_proto_rawDesc = "" +
 	"\aforward\x18\x0e \x01(\v2\x1b.ferry.route.v1.ForwardCallH\x00R\aforward\x12A\n" +
 	"\vlist_groups\x18\x0f \x01(\v2\x1e.ferry.route.v1.ListGroupsCallH\x00R\n" +
 	"listGroups\x121\n" +
-	"\x05event\x18\x10 \x01(\v2\x19.ferry.route.v1.EventCallH\x00R\x05eventB\x06\n" +
-	"\x04body\"\xfd\x02\n" +
+	"\x05event\x18\x10 \x01(\v2\x19.ferry.route.v1.EventCallH\x00R\x05event\x12.\n" +
+	"\x04move\x18\x11 \x01(\v2\x18.ferry.route.v1.MoveCallH\x00R\x04move\x124\n" +
+	"\x06import\x18\x12 \x01(\v2\x1a.ferry.route.v1.ImportCallH\x00R\x06importB\x06\n" +
+	"\x04body\"\xaf\x03\n" +
 	"\x05Reply\x12*\n" +
 	"\x05error\x18\x01 \x01(\v2\x14.ferry.wire.v1.ErrorR\x05error\x123\n" +
 	"\aaccount\x18\n" +
@@ -1137,7 +1334,8 @@ const file_route_proto_rawDesc = "" +
 	"\bresponse\x18\x0e \x01(\fH\x00R\bresponse\x12C\n" +
 	"\vlist_groups\x18\x0f \x01(\v2 .ferry.route.v1.ListGroupsResultH\x00R\n" +
 	"listGroups\x123\n" +
-	"\x05event\x18\x10 \x01(\v2\x1b.ferry.route.v1.EventResultH\x00R\x05eventB\b\n" +
+	"\x05event\x18\x10 \x01(\v2\x1b.ferry.route.v1.EventResultH\x00R\x05event\x120\n" +
+	"\x04move\x18\x11 \x01(\v2\x1a.ferry.route.v1.MoveResultH\x00R\x04moveB\b\n" +
 	"\x06result\")\n" +
 	"\vAccountCall\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\"\x87\x01\n" +
@@ -1190,7 +1388,17 @@ const file_route_proto_rawDesc = "" +
 	"\adevices\x18\x01 \x03(\v2\x18.ferry.wire.v1.DeviceRefR\adevices\x12\x14\n" +
 	"\x05event\x18\x02 \x01(\fR\x05event\"%\n" +
 	"\vEventResult\x12\x16\n" +
-	"\x06queued\x18\x01 \x01(\rR\x06queuedB(Z&github.com/ferryhq/ferry/route/routepbb\x06proto3"
+	"\x06queued\x18\x01 \x01(\rR\x06queued\"+\n" +
+	"\bMoveCall\x12\x1f\n" +
+	"\vtarget_node\x18\x01 \x01(\tR\n" +
+	"targetNode\"<\n" +
+	"\n" +
+	"MoveResult\x12\x14\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x18\n" +
+	"\arecords\x18\x02 \x01(\rR\arecords\"&\n" +
+	"\n" +
+	"ImportCall\x12\x18\n" +
+	"\arecords\x18\x01 \x03(\fR\arecordsB(Z&github.com/ferryhq/ferry/route/routepbb\x06proto3"
 
 var (
 	file_route_proto_rawDescOnce sync.Once
@@ -1204,7 +1412,7 @@ func file_route_proto_rawDescGZIP() []byte {
 	return file_route_proto_rawDescData
 }
 
-var file_route_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_route_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_route_proto_goTypes = []any{
 	(*Call)(nil),             // 0: ferry.route.v1.Call
 	(*Reply)(nil),            // 1: ferry.route.v1.Reply
@@ -1220,11 +1428,14 @@ var file_route_proto_goTypes = []any{
 	(*ListGroupsResult)(nil), // 11: ferry.route.v1.ListGroupsResult
 	(*EventCall)(nil),        // 12: ferry.route.v1.EventCall
 	(*EventResult)(nil),      // 13: ferry.route.v1.EventResult
-	(*wirepb.Error)(nil),     // 14: ferry.wire.v1.Error
-	(*storepb.Account)(nil),  // 15: ferry.store.v1.Account
-	(*wirepb.Envelope)(nil),  // 16: ferry.wire.v1.Envelope
-	(*wirepb.DeviceRef)(nil), // 17: ferry.wire.v1.DeviceRef
-	(*storepb.Group)(nil),    // 18: ferry.store.v1.Group
+	(*MoveCall)(nil),         // 14: ferry.route.v1.MoveCall
+	(*MoveResult)(nil),       // 15: ferry.route.v1.MoveResult
+	(*ImportCall)(nil),       // 16: ferry.route.v1.ImportCall
+	(*wirepb.Error)(nil),     // 17: ferry.wire.v1.Error
+	(*storepb.Account)(nil),  // 18: ferry.store.v1.Account
+	(*wirepb.Envelope)(nil),  // 19: ferry.wire.v1.Envelope
+	(*wirepb.DeviceRef)(nil), // 20: ferry.wire.v1.DeviceRef
+	(*storepb.Group)(nil),    // 21: ferry.store.v1.Group
 }
 var file_route_proto_depIdxs = []int32{
 	2,  // 0: ferry.route.v1.Call.account:type_name -> ferry.route.v1.AccountCall
@@ -1234,24 +1445,27 @@ var file_route_proto_depIdxs = []int32{
 	9,  // 4: ferry.route.v1.Call.forward:type_name -> ferry.route.v1.ForwardCall
 	10, // 5: ferry.route.v1.Call.list_groups:type_name -> ferry.route.v1.ListGroupsCall
 	12, // 6: ferry.route.v1.Call.event:type_name -> ferry.route.v1.EventCall
-	14, // 7: ferry.route.v1.Reply.error:type_name -> ferry.wire.v1.Error
-	15, // 8: ferry.route.v1.Reply.account:type_name -> ferry.store.v1.Account
-	6,  // 9: ferry.route.v1.Reply.accepted:type_name -> ferry.route.v1.Accepted
-	8,  // 10: ferry.route.v1.Reply.markers:type_name -> ferry.route.v1.MarkersResult
-	11, // 11: ferry.route.v1.Reply.list_groups:type_name -> ferry.route.v1.ListGroupsResult
-	13, // 12: ferry.route.v1.Reply.event:type_name -> ferry.route.v1.EventResult
-	16, // 13: ferry.route.v1.Entry.env:type_name -> ferry.wire.v1.Envelope
-	3,  // 14: ferry.route.v1.AppendCall.entries:type_name -> ferry.route.v1.Entry
-	16, // 15: ferry.route.v1.AppendGroupCall.env:type_name -> ferry.wire.v1.Envelope
-	17, // 16: ferry.route.v1.AppendGroupCall.recipients:type_name -> ferry.wire.v1.DeviceRef
-	3,  // 17: ferry.route.v1.MarkersCall.entries:type_name -> ferry.route.v1.Entry
-	18, // 18: ferry.route.v1.ListGroupsResult.groups:type_name -> ferry.store.v1.Group
-	17, // 19: ferry.route.v1.EventCall.devices:type_name -> ferry.wire.v1.DeviceRef
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	14, // 7: ferry.route.v1.Call.move:type_name -> ferry.route.v1.MoveCall
+	16, // 8: ferry.route.v1.Call.import:type_name -> ferry.route.v1.ImportCall
+	17, // 9: ferry.route.v1.Reply.error:type_name -> ferry.wire.v1.Error
+	18, // 10: ferry.route.v1.Reply.account:type_name -> ferry.store.v1.Account
+	6,  // 11: ferry.route.v1.Reply.accepted:type_name -> ferry.route.v1.Accepted
+	8,  // 12: ferry.route.v1.Reply.markers:type_name -> ferry.route.v1.MarkersResult
+	11, // 13: ferry.route.v1.Reply.list_groups:type_name -> ferry.route.v1.ListGroupsResult
+	13, // 14: ferry.route.v1.Reply.event:type_name -> ferry.route.v1.EventResult
+	15, // 15: ferry.route.v1.Reply.move:type_name -> ferry.route.v1.MoveResult
+	19, // 16: ferry.route.v1.Entry.env:type_name -> ferry.wire.v1.Envelope
+	3,  // 17: ferry.route.v1.AppendCall.entries:type_name -> ferry.route.v1.Entry
+	19, // 18: ferry.route.v1.AppendGroupCall.env:type_name -> ferry.wire.v1.Envelope
+	20, // 19: ferry.route.v1.AppendGroupCall.recipients:type_name -> ferry.wire.v1.DeviceRef
+	3,  // 20: ferry.route.v1.MarkersCall.entries:type_name -> ferry.route.v1.Entry
+	21, // 21: ferry.route.v1.ListGroupsResult.groups:type_name -> ferry.store.v1.Group
+	20, // 22: ferry.route.v1.EventCall.devices:type_name -> ferry.wire.v1.DeviceRef
+	23, // [23:23] is the sub-list for method output_type
+	23, // [23:23] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_route_proto_init() }
@@ -1267,6 +1481,8 @@ func file_route_proto_init() {
 		(*Call_Forward)(nil),
 		(*Call_ListGroups)(nil),
 		(*Call_Event)(nil),
+		(*Call_Move)(nil),
+		(*Call_Import)(nil),
 	}
 	file_route_proto_msgTypes[1].OneofWrappers = []any{
 		(*Reply_Account)(nil),
@@ -1275,6 +1491,7 @@ func file_route_proto_init() {
 		(*Reply_Response)(nil),
 		(*Reply_ListGroups)(nil),
 		(*Reply_Event)(nil),
+		(*Reply_Move)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1282,7 +1499,7 @@ func file_route_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_route_proto_rawDesc), len(file_route_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
