@@ -3,7 +3,10 @@ package route
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"io"
 	"log/slog"
@@ -74,21 +77,17 @@ func FuzzVerify(f *testing.F) {
 	f.Add([]byte(""), "1700000000000.")
 	f.Add([]byte("x"), "..")
 	f.Fuzz(func(t *testing.T, body []byte, header string) {
-		err := verify(secret, body, header, now)
-		if err == nil && header != sign(secret, body, timeOf(t, header)) {
+		if verify(secret, body, header, now) != nil {
+			return
+		}
+		ts, sig, _ := strings.Cut(header, ".")
+		mac := hmac.New(sha256.New, secret)
+		mac.Write([]byte(ts + "."))
+		mac.Write(body)
+		if !strings.EqualFold(sig, hex.EncodeToString(mac.Sum(nil))) {
 			t.Fatalf("header %q passed but is not the MAC of the body", header)
 		}
 	})
-}
-
-func timeOf(t *testing.T, header string) time.Time {
-	t.Helper()
-	ts, _, _ := strings.Cut(header, ".")
-	var ms int64
-	for _, c := range ts {
-		ms = ms*10 + int64(c-'0')
-	}
-	return time.UnixMilli(ms)
 }
 
 func TestNodeURL(t *testing.T) {
