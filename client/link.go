@@ -106,6 +106,13 @@ type Linking struct {
 // StartLink begins linking this (unregistered) home as a new device of an
 // existing account: it returns the code to approve on the primary.
 func (c *Client) StartLink(ctx context.Context) (*Linking, error) {
+	return c.StartLinkTo(ctx, "")
+}
+
+// StartLinkTo is StartLink naming the account to join ("" : unnamed),
+// which a cluster needs: the code is kept by the node serving the account,
+// and the others redirect there.
+func (c *Client) StartLinkTo(ctx context.Context, account string) (*Linking, error) {
 	if c.username != "" {
 		return nil, ErrAlreadyRegistered
 	}
@@ -126,15 +133,19 @@ func (c *Client) StartLink(ctx context.Context) (*Linking, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, err := Dial(ctx, c.server, DialOptions{ClientName: c.opts.ClientName})
-	if err != nil {
-		return nil, err
-	}
 	pub := key.Public().(ed25519.PublicKey)
-	r, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_LinkStart{LinkStart: &wirepb.LinkStart{
-		DeviceKey: pub, RegistrationId: dev.RegistrationID(), IdentityKey: dev.IdentityKey(), EphemeralKey: eph.PublicKey().Bytes()}}})
+	var r *wirepb.Response
+	conn, _, err := DialAs(ctx, c.server, DialOptions{ClientName: c.opts.ClientName}, func(conn *Conn) (err error) {
+		r, err = conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_LinkStart{LinkStart: &wirepb.LinkStart{
+			DeviceKey: pub, RegistrationId: dev.RegistrationID(), IdentityKey: dev.IdentityKey(), EphemeralKey: eph.PublicKey().Bytes(),
+			Account: account}}})
+		return err
+	})
 	if err != nil {
-		conn.Close()
+		var de *DialError
+		if errors.As(err, &de) {
+			return nil, err
+		}
 		return nil, fmt.Errorf("client: start linking: %w", err)
 	}
 	res := r.GetLinkStart()

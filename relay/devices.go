@@ -464,6 +464,14 @@ func (c *conn) linkStart(id uint64, m *wirepb.LinkStart) bool {
 	case len(m.EphemeralKey) != ephemeralKeySize:
 		return c.badFrame(id, wire.Errorf(wirepb.ErrorCode_INVALID_KEY, "relay: ephemeral key must be %d bytes", ephemeralKeySize))
 	}
+	if c.s.deps.Cluster != nil {
+		if m.Account == "" {
+			return c.badFrame(id, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "relay: in a cluster, LinkStart must name the account (the node serving it keeps the code)"))
+		}
+		if c.redirected(id, "link_start", m.Account) {
+			return false
+		}
+	}
 	now := time.Now()
 	if d := c.s.dev.startLim.Take(remoteKey(c.remote), now); d > 0 {
 		c.s.metrics.rejected.WithLabelValues("link_rate").Inc()

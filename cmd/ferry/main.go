@@ -61,7 +61,7 @@ commands:
   typing [--group] [--stop] NAME  send one typing indicator (scripts; chat does this itself)
   vectors verify DIR           check the test vectors in DIR (exit 1 on any mismatch)
   vectors generate DIR         write every test vector into DIR (byte-identical to testvectors/)
-  link                         make this home a new device of an existing account:
+  link [ACCOUNT]               make this home a new device of an existing account (name it for a cluster):
                                prints a link code, waits until the primary approves it
   devices list [--json]        this account's devices (from its verified signed list)
   devices approve CODE         (primary) link the device showing CODE
@@ -405,10 +405,15 @@ func cmdHistory(ctx context.Context, c *client.Client, args []string, out io.Wri
 
 func cmdLink(ctx context.Context, c *client.Client, args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("link", flag.ContinueOnError)
-	if pos, err := parseArgs(fs, args); err != nil || len(pos) != 0 {
-		return usageError("usage: ferry --home DIR --server URL link")
+	pos, err := parseArgs(fs, args)
+	if err != nil || len(pos) > 1 {
+		return usageError("usage: ferry --home DIR --server URL link [ACCOUNT]  (ACCOUNT: needed against a cluster)")
 	}
-	l, err := c.StartLink(ctx)
+	account := ""
+	if len(pos) == 1 {
+		account = pos[0]
+	}
+	l, err := c.StartLinkTo(ctx, account)
 	if err != nil {
 		return err
 	}

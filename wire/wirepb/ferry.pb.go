@@ -3672,6 +3672,7 @@ type LinkStart struct {
 	RegistrationId uint32                 `protobuf:"varint,2,opt,name=registration_id,json=registrationId,proto3" json:"registration_id,omitempty"` // 1..16380
 	IdentityKey    []byte                 `protobuf:"bytes,3,opt,name=identity_key,json=identityKey,proto3" json:"identity_key,omitempty"`           // Signal identity key, 33 bytes
 	EphemeralKey   []byte                 `protobuf:"bytes,4,opt,name=ephemeral_key,json=ephemeralKey,proto3" json:"ephemeral_key,omitempty"`        // X25519 public key, 32 bytes, for sealing the link material
+	Account        string                 `protobuf:"bytes,5,opt,name=account,proto3" json:"account,omitempty"`                                      // the account to join; required in cluster mode, where only the
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -3732,6 +3733,13 @@ func (x *LinkStart) GetEphemeralKey() []byte {
 		return x.EphemeralKey
 	}
 	return nil
+}
+
+func (x *LinkStart) GetAccount() string {
+	if x != nil {
+		return x.Account
+	}
+	return ""
 }
 
 type LinkStartResult struct {
@@ -6287,13 +6295,14 @@ const file_ferry_proto_rawDesc = "" +
 	"\rGetDeviceList\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\"J\n" +
 	"\x13GetDeviceListResult\x123\n" +
-	"\x04list\x18\x01 \x01(\v2\x1f.ferry.wire.v1.SignedDeviceListR\x04list\"\x9b\x01\n" +
+	"\x04list\x18\x01 \x01(\v2\x1f.ferry.wire.v1.SignedDeviceListR\x04list\"\xb5\x01\n" +
 	"\tLinkStart\x12\x1d\n" +
 	"\n" +
 	"device_key\x18\x01 \x01(\fR\tdeviceKey\x12'\n" +
 	"\x0fregistration_id\x18\x02 \x01(\rR\x0eregistrationId\x12!\n" +
 	"\fidentity_key\x18\x03 \x01(\fR\videntityKey\x12#\n" +
-	"\rephemeral_key\x18\x04 \x01(\fR\fephemeralKey\"I\n" +
+	"\rephemeral_key\x18\x04 \x01(\fR\fephemeralKey\x12\x18\n" +
+	"\aaccount\x18\x05 \x01(\tR\aaccount\"I\n" +
 	"\x0fLinkStartResult\x12\x17\n" +
 	"\acode_id\x18\x01 \x01(\fR\x06codeId\x12\x1d\n" +
 	"\n" +
