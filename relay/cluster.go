@@ -63,14 +63,20 @@ func (s *Server) CloseUnserved() int {
 	if cl == nil {
 		return 0
 	}
-	s.mu.Lock()
+	// Every authenticated connection is in the device table (trackDevice
+	// runs before the client hears "ok"), keyed by its address.
+	d := s.dev
+	d.mu.Lock()
 	var drop []*conn
-	for c := range s.conns {
-		if c.addr.Account != "" && !cl.ServesAccount(c.addr.Account) {
+	for addr, set := range d.conns {
+		if cl.ServesAccount(addr.Account) {
+			continue
+		}
+		for c := range set {
 			drop = append(drop, c)
 		}
 	}
-	s.mu.Unlock()
+	d.mu.Unlock()
 	for _, c := range drop {
 		c.close(wire.CloseWrongNode, "this node no longer serves the account")
 	}
