@@ -58,11 +58,12 @@ func (c *conn) hello(id uint64, h *wirepb.Hello) bool {
 		Challenge:    c.challenge,
 		ServerTimeMs: nowMs(),
 		Limits: &wirepb.Limits{
-			MaxFrameBytes:       uint32(cfg.MaxFrameBytes),
-			MaxMessageBytes:     uint32(cfg.MaxMessageBytes),
-			MaxPrekeysPerUpload: uint32(cfg.MaxPrekeysPerUpload),
-			DeliveryWindow:      uint32(cfg.DeliveryWindow),
-			PingIntervalMs:      uint32(cfg.PingInterval.Milliseconds()),
+			MaxFrameBytes:            uint32(cfg.MaxFrameBytes),
+			MaxMessageBytes:          uint32(cfg.MaxMessageBytes),
+			MaxPrekeysPerUpload:      uint32(cfg.MaxPrekeysPerUpload),
+			DeliveryWindow:           uint32(cfg.DeliveryWindow),
+			PingIntervalMs:           uint32(cfg.PingInterval.Milliseconds()),
+			MaxPresenceSubscriptions: uint32(c.s.presence.MaxSubscriptions()),
 		},
 	}}})
 	c.s.metrics.requests.WithLabelValues("hello", "OK").Inc()

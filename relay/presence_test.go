@@ -110,3 +110,13 @@ func TestTyping(t *testing.T) {
 		}
 	}
 }
+
+// The subscription bound is announced in Welcome.limits.
+func TestPresenceLimitAnnounced(t *testing.T) {
+	for _, n := range []int{2, 300} {
+		e := newEnv(t, Config{MaxPresenceSubscriptions: n})
+		if got := e.dial().Welcome().GetLimits().GetMaxPresenceSubscriptions(); got != uint32(n) {
+			t.Fatalf("Welcome announces %d presence subscriptions, want %d", got, n)
+		}
+	}
+}

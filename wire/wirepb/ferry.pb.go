@@ -1812,14 +1812,15 @@ func (x *Welcome) GetLimits() *Limits {
 
 // Limits the server enforces, so clients can stay inside them.
 type Limits struct {
-	state               protoimpl.MessageState `protogen:"open.v1"`
-	MaxFrameBytes       uint32                 `protobuf:"varint,1,opt,name=max_frame_bytes,json=maxFrameBytes,proto3" json:"max_frame_bytes,omitempty"`       // largest ClientFrame accepted
-	MaxMessageBytes     uint32                 `protobuf:"varint,2,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"` // largest single ciphertext in a Send
-	MaxPrekeysPerUpload uint32                 `protobuf:"varint,3,opt,name=max_prekeys_per_upload,json=maxPrekeysPerUpload,proto3" json:"max_prekeys_per_upload,omitempty"`
-	DeliveryWindow      uint32                 `protobuf:"varint,4,opt,name=delivery_window,json=deliveryWindow,proto3" json:"delivery_window,omitempty"`   // envelopes in flight (unacked) at once
-	PingIntervalMs      uint32                 `protobuf:"varint,5,opt,name=ping_interval_ms,json=pingIntervalMs,proto3" json:"ping_interval_ms,omitempty"` // server pings this often; a client may use it to detect a dead server
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	state                    protoimpl.MessageState `protogen:"open.v1"`
+	MaxFrameBytes            uint32                 `protobuf:"varint,1,opt,name=max_frame_bytes,json=maxFrameBytes,proto3" json:"max_frame_bytes,omitempty"`       // largest ClientFrame accepted
+	MaxMessageBytes          uint32                 `protobuf:"varint,2,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"` // largest single ciphertext in a Send
+	MaxPrekeysPerUpload      uint32                 `protobuf:"varint,3,opt,name=max_prekeys_per_upload,json=maxPrekeysPerUpload,proto3" json:"max_prekeys_per_upload,omitempty"`
+	DeliveryWindow           uint32                 `protobuf:"varint,4,opt,name=delivery_window,json=deliveryWindow,proto3" json:"delivery_window,omitempty"`                                 // envelopes in flight (unacked) at once
+	PingIntervalMs           uint32                 `protobuf:"varint,5,opt,name=ping_interval_ms,json=pingIntervalMs,proto3" json:"ping_interval_ms,omitempty"`                               // server pings this often; a client may use it to detect a dead server
+	MaxPresenceSubscriptions uint32                 `protobuf:"varint,6,opt,name=max_presence_subscriptions,json=maxPresenceSubscriptions,proto3" json:"max_presence_subscriptions,omitempty"` // accounts one connection may watch (SubscribePresence, GetPresence)
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
 }
 
 func (x *Limits) Reset() {
@@ -1883,6 +1884,13 @@ func (x *Limits) GetDeliveryWindow() uint32 {
 func (x *Limits) GetPingIntervalMs() uint32 {
 	if x != nil {
 		return x.PingIntervalMs
+	}
+	return 0
+}
+
+func (x *Limits) GetMaxPresenceSubscriptions() uint32 {
+	if x != nil {
+		return x.MaxPresenceSubscriptions
 	}
 	return 0
 }
@@ -6168,13 +6176,14 @@ const file_ferry_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1c\n" +
 	"\tchallenge\x18\x02 \x01(\fR\tchallenge\x12$\n" +
 	"\x0eserver_time_ms\x18\x03 \x01(\x03R\fserverTimeMs\x12-\n" +
-	"\x06limits\x18\x04 \x01(\v2\x15.ferry.wire.v1.LimitsR\x06limits\"\xe4\x01\n" +
+	"\x06limits\x18\x04 \x01(\v2\x15.ferry.wire.v1.LimitsR\x06limits\"\xa2\x02\n" +
 	"\x06Limits\x12&\n" +
 	"\x0fmax_frame_bytes\x18\x01 \x01(\rR\rmaxFrameBytes\x12*\n" +
 	"\x11max_message_bytes\x18\x02 \x01(\rR\x0fmaxMessageBytes\x123\n" +
 	"\x16max_prekeys_per_upload\x18\x03 \x01(\rR\x13maxPrekeysPerUpload\x12'\n" +
 	"\x0fdelivery_window\x18\x04 \x01(\rR\x0edeliveryWindow\x12(\n" +
-	"\x10ping_interval_ms\x18\x05 \x01(\rR\x0epingIntervalMs\"\x8c\x01\n" +
+	"\x10ping_interval_ms\x18\x05 \x01(\rR\x0epingIntervalMs\x12<\n" +
+	"\x1amax_presence_subscriptions\x18\x06 \x01(\rR\x18maxPresenceSubscriptions\"\x8c\x01\n" +
 	"\bRegister\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1d\n" +
 	"\n" +
