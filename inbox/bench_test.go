@@ -131,7 +131,7 @@ func BenchmarkAppendGroup(b *testing.B) {
 				}
 			}
 			appendOne(-1) // creates every device's meta
-			waitFanout(b, db)
+			waitFanout(b, s, db)
 			c.n.Store(0)
 			var ack time.Duration
 			b.ResetTimer()
@@ -140,7 +140,7 @@ func BenchmarkAppendGroup(b *testing.B) {
 				appendOne(i)
 				ack += time.Since(t0)
 			}
-			waitFanout(b, db) // ns/op: until every entry is written
+			waitFanout(b, s, db) // ns/op: until every entry is written
 			b.StopTimer()
 			b.ReportMetric(float64(ack.Microseconds())/1000/float64(b.N), "ack-ms/msg")
 			b.ReportMetric(float64(c.n.Load())/float64(b.N), "bytes/msg")

@@ -77,6 +77,15 @@ func (s *Store) do(ctx context.Context, apply func(g *group) error) error {
 // group.
 func (s *Store) run() {
 	defer close(s.stopped)
+	// The sync stage: at most one group waits for its fsync while the next
+	// one is built and applied (see commitGroup).
+	s.syncing = make(chan *applied, 1)
+	syncDone := make(chan struct{})
+	go s.syncStage(syncDone)
+	defer func() {
+		close(s.syncing)
+		<-syncDone
+	}()
 	ops := make([]*op, 0, s.o.MaxGroup)
 	for {
 		select {
@@ -124,12 +133,74 @@ func (s *Store) run() {
 // errFailed is the error of every mutation after a fatal commit error.
 var errFailed = storageErr("commit", errors.New("an earlier commit failed fatally; the node must restart"))
 
-// commitBatch commits b with fsync. A fatal Pebble error (a failed WAL
-// write or sync: Pebble's Fatalf, which store's logger turns into a
-// *store.FatalError panic) comes back as an error.
+// commitBatch applies b with a WAL sync requested, without waiting for the
+// sync (syncStage waits). A fatal Pebble error (a failed WAL write: Pebble's
+// Fatalf, which store's logger turns into a *store.FatalError panic) comes
+// back as an error.
 func (s *Store) commitBatch(b *pebble.Batch) (err error) {
 	defer store.RecoverFatal(&err)
 	return s.o.commit(b, pebble.Sync)
+}
+
+// applied is a group handed from the committer to the sync stage: applied
+// to Pebble (readable in the live database, not yet in the readers' view),
+// waiting for its fsync.
+type applied struct {
+	g     *group
+	ops   []*op
+	snap  *pebble.Snapshot // the database right after this group: the readers' view once synced
+	start time.Time
+	sync  bool // the batch was committed and has a sync to wait for
+}
+
+// syncStage waits for each applied group's fsync, in order, then makes it
+// visible to readers and answers its ops: nothing is answered, shown to a
+// reader or announced (OnAppend) before it is durable. It ends when
+// s.syncing is closed and drained.
+func (s *Store) syncStage(done chan<- struct{}) {
+	defer close(done)
+	for a := range s.syncing {
+		s.finishGroup(a)
+	}
+}
+
+func (s *Store) finishGroup(a *applied) {
+	g := a.g
+	defer g.b.Close()
+	var err error
+	if a.sync {
+		if err = g.b.SyncWait(); err != nil {
+			// A failed WAL sync is fatal, as for a synchronous commit.
+			err = &store.FatalError{Msg: "inbox: WAL sync failed: " + err.Error()}
+		}
+		s.m.commitSync.Observe(time.Since(a.start).Seconds())
+	}
+	if err == nil && s.failed.Load() {
+		err = errFailed // an earlier group's sync failed: this one's is lost with it
+	}
+	if err != nil {
+		_ = a.snap.Close()
+		s.o.Logger.Error("inbox: commit failed", "ops", len(a.ops), "err", err)
+		if errors.Is(err, store.ErrFatal) && s.failed.CompareAndSwap(false, true) {
+			s.o.Logger.Error("inbox: storage failed fatally; refusing every write from now on")
+			if s.o.OnFatal != nil {
+				s.o.OnFatal(err)
+			}
+		}
+		serr := storageErr("commit", err)
+		for _, o := range a.ops {
+			o.finish(serr)
+		}
+		return
+	}
+	s.publishSnap(a.snap)
+	g.count.report(s.m)
+	for _, o := range a.ops {
+		o.finish(o.err)
+	}
+	if s.o.OnAppend != nil && len(g.notify) > 0 {
+		s.o.OnAppend(g.notify)
+	}
 }
 
 // rejectQueued answers every queued op with ErrClosed.
@@ -147,7 +218,13 @@ func (s *Store) rejectQueued() {
 }
 
 // commitGroup applies ops (and the next fan-out chunk) into one batch,
-// commits it, and answers them. It reports whether it committed anything.
+// applies it to Pebble with a sync requested, and hands it to the sync
+// stage, which answers the ops once the fsync is done. Building and
+// applying the next group overlaps with that fsync (group commit,
+// pipelined): the next group reads the live database, which includes this
+// one, and if this one's sync fails the store fails as a whole (every
+// later write is refused), so nothing built on it is ever acknowledged.
+// It reports whether it committed anything.
 func (s *Store) commitGroup(ops []*op) bool {
 	if s.failed.Load() {
 		for _, o := range ops {
@@ -158,10 +235,15 @@ func (s *Store) commitGroup(ops []*op) bool {
 		return len(ops) > 0
 	}
 	g := s.newGroup()
-	defer g.b.Close()
+	handed := false
+	defer func() {
+		if !handed {
+			g.b.Close()
+		}
+	}()
 	g.expand() // first: ops of this group queue behind the job it works on
 	expanding := len(s.fan.jobs) > 0 && s.fan.jobs[0].inFlight
-	applied := ops[:0]
+	var done []*op
 	for _, o := range ops {
 		if !o.state.CompareAndSwap(opQueued, opClaimed) {
 			continue // the caller gave up
@@ -171,25 +253,28 @@ func (s *Store) commitGroup(ops []*op) bool {
 			continue
 		}
 		o.err = o.apply(g)
-		applied = append(applied, o)
+		done = append(done, o)
 	}
-	if len(applied) == 0 && !expanding {
+	if len(done) == 0 && !expanding {
 		return false
 	}
 	g.flush()
+	start := time.Now()
+	synced := false
 	if err := g.err; err == nil && !g.b.Empty() {
 		// Every group is synced, acks included: readers see the state after
-		// the last commit (see view.go), so nothing a reader sees may be
-		// lost in a crash.
-		start := time.Now()
+		// the last durable commit (see view.go), so nothing a reader sees
+		// may be lost in a crash.
 		g.err = s.commitBatch(g.b)
-		s.m.commitSync.Observe(time.Since(start).Seconds())
-		s.m.groupOps.Observe(float64(len(applied)))
+		synced = g.err == nil
+		s.m.groupOps.Observe(float64(len(done)))
 	}
 	s.fan.committed(g, g.err == nil)
 	s.m.fanPending.Set(float64(s.fan.pendingEntries()))
 	if g.err != nil {
-		s.o.Logger.Error("inbox: commit failed", "ops", len(applied), "err", g.err)
+		// Nothing of this group reached Pebble; groups before it may still
+		// be syncing, and this one's ops are answered now (with the error).
+		s.o.Logger.Error("inbox: commit failed", "ops", len(done), "err", g.err)
 		if errors.Is(g.err, store.ErrFatal) && s.failed.CompareAndSwap(false, true) {
 			s.o.Logger.Error("inbox: storage failed fatally; refusing every write from now on")
 			if s.o.OnFatal != nil {
@@ -197,19 +282,15 @@ func (s *Store) commitGroup(ops []*op) bool {
 			}
 		}
 		err := storageErr("commit", g.err)
-		for _, o := range applied {
+		for _, o := range done {
 			o.finish(err)
 		}
-		return len(applied) > 0 // a failed chunk alone is retried after a pause
+		return len(done) > 0 // a failed chunk alone is retried after a pause
 	}
-	s.publish()
-	g.count.report(s.m)
-	for _, o := range applied {
-		o.finish(o.err)
-	}
-	if s.o.OnAppend != nil && len(g.notify) > 0 {
-		s.o.OnAppend(g.notify)
-	}
+	// Even a group that wrote nothing goes through the sync stage: its
+	// answers (a duplicate's ✓, say) may rest on a group still syncing.
+	handed = true
+	s.syncing <- &applied{g: g, ops: done, snap: s.db.NewSnapshot(), start: start, sync: synced}
 	return true
 }
 

@@ -42,8 +42,10 @@ func fanJobKeys(t testing.TB, db pebble.Reader) int {
 	return n
 }
 
-// waitFanout waits until every job is expanded.
-func waitFanout(t testing.TB, db *pebble.DB) {
+// waitFanout waits until every job is expanded and the readers' view
+// shows it (the last chunk may still be syncing when its job key is gone
+// from the live database).
+func waitFanout(t testing.TB, s *Store, db *pebble.DB) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for fanJobKeys(t, db) > 0 {
@@ -51,6 +53,17 @@ func waitFanout(t testing.TB, db *pebble.DB) {
 			t.Fatalf("%d fan-out jobs still pending", fanJobKeys(t, db))
 		}
 		time.Sleep(time.Millisecond) // polling Pebble: no event to await from outside the committer
+	}
+	barrier(t, s)
+}
+
+// barrier returns once every group committed before it is synced and
+// visible to readers: an op that writes nothing goes through the sync
+// stage behind them.
+func barrier(t testing.TB, s *Store) {
+	t.Helper()
+	if err := s.do(context.Background(), func(*group) error { return nil }); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -71,7 +84,7 @@ func TestFanoutQueuesLargeGroups(t *testing.T) {
 	if acc.Seq != 1 {
 		t.Fatalf("seq = %d, want 1", acc.Seq)
 	}
-	waitFanout(t, db)
+	waitFanout(t, s, db)
 	for _, d := range to {
 		items := rangeAll(t, s, d)
 		if len(items) != 1 || string(items[0].Env.Content) != "hello" || items[0].Env.Seq != 1 ||
@@ -136,7 +149,7 @@ func TestFanoutKeepsOrderBehindAJob(t *testing.T) {
 	}
 	// A 1:1 message is not held up by the group's job.
 	mustAppend(t, s, send(alice1, "direct", "dm", "dm", to[7]))
-	waitFanout(t, db)
+	waitFanout(t, s, db)
 	if v, _ := metricValue(t, reg, "ferry_inbox_fanout_jobs_queued_total", nil); v != 2 {
 		t.Fatalf("jobs queued = %v, want 2 (the small send queued behind the big one)", v)
 	}
@@ -204,7 +217,7 @@ func TestFanoutResumesAfterRestart(t *testing.T) {
 			t.Cleanup(func() { db.Close() }) // after the store's Close (cleanups run last-in first-out)
 			o.commit = nil
 			s = startStore(t, db, o)
-			waitFanout(t, db)
+			waitFanout(t, s, db)
 			for _, d := range to {
 				if items := rangeAll(t, s, d); len(items) != 1 || items[0].Env.Seq != 1 {
 					t.Fatalf("%s holds %v after the restart, want one entry", d, items)
@@ -251,7 +264,7 @@ func TestFanoutQueueIsBounded(t *testing.T) {
 	if !errors.As(r.err, &we) || we.Code != wirepb.ErrorCode_UNAVAILABLE || !we.Retryable || we.Message != ErrFanoutBusy.Message {
 		t.Fatalf("second large send = %v, want ErrFanoutBusy", r.err)
 	}
-	waitFanout(t, db)
+	waitFanout(t, s, db)
 	if acc := mustAppendGroup(t, s, groupSend(alice1, "two", "y", to...)); acc.Duplicate || acc.Seq != 2 {
 		t.Fatalf("retry after the queue drained = %+v, want seq 2", acc)
 	}

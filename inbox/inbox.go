@@ -146,8 +146,10 @@ type Options struct {
 	// never content); nil means slog.Default().
 	Logger *slog.Logger
 
-	// commit commits a group's batch; nil means (*pebble.Batch).Commit.
-	// Tests inject commit failures through it.
+	// commit commits a group's batch; nil means applying it without
+	// waiting for its fsync (DB.ApplyNoSyncWait), which the committer's
+	// sync stage then waits for (Batch.SyncWait). Tests inject commit
+	// failures through it (a hook may also commit synchronously).
 	commit func(b *pebble.Batch, o *pebble.WriteOptions) error
 }
 
@@ -185,9 +187,6 @@ func (o Options) withDefaults() Options {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	if o.commit == nil {
-		o.commit = (*pebble.Batch).Commit
-	}
 	return o
 }
 
@@ -213,6 +212,7 @@ type Store struct {
 	// shutdown
 	quit      chan struct{} // closed by Close
 	stopped   chan struct{} // closed when the committer has exited
+	syncing   chan *applied // committer → its sync stage (committer.go); made by run
 	sweepDone chan struct{} // closed when the sweeper has exited
 	stopSweep context.CancelFunc
 	closeOnce sync.Once
@@ -247,6 +247,9 @@ func New(db *pebble.DB, o Options) (*Store, error) {
 		stopped:   make(chan struct{}),
 		sweepDone: make(chan struct{}),
 		stopSweep: cancel,
+	}
+	if s.o.commit == nil {
+		s.o.commit = func(b *pebble.Batch, wo *pebble.WriteOptions) error { return db.ApplyNoSyncWait(b, wo) }
 	}
 	s.publish()
 	go s.run()

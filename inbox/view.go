@@ -37,10 +37,15 @@ func (v *view) release() {
 	}
 }
 
-// publish makes the database's current state (everything committed so
-// far, all of it synced) the readers' view. Called by the committer only.
-func (s *Store) publish() {
-	v := &view{snap: s.db.NewSnapshot()}
+// publish makes the database's current state the readers' view (at start,
+// before any commit).
+func (s *Store) publish() { s.publishSnap(s.db.NewSnapshot()) }
+
+// publishSnap makes snap, taken right after a group was applied and
+// published once that group is synced, the readers' view. Called by the
+// committer's sync stage only (and at start).
+func (s *Store) publishSnap(snap *pebble.Snapshot) {
+	v := &view{snap: snap}
 	v.refs.Store(1)
 	if old := s.cur.Swap(v); old != nil {
 		old.release()
