@@ -6,7 +6,10 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -531,4 +534,42 @@ func runFerryd(t *testing.T, args ...string) string {
 		t.Fatalf("ferryd %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 	return out
+}
+
+// TestClusterBenchPairs: ferry-bench pointed at one node of the cluster
+// follows the redirects, and pairs --cluster-placement puts each pair's two
+// accounts where asked; nothing is lost or duplicated.
+func TestClusterBenchPairs(t *testing.T) {
+	c := startCluster(t, 3)
+	appends := func() float64 {
+		n := 0.0
+		for _, s := range c.nodes {
+			n += sumMetric(scrape(t, s), "ferry_route_calls_total", `kind="append"`, `result="OK"`)
+		}
+		return n
+	}
+	for _, placement := range []string{"same", "cross"} {
+		out, err := exec.Command(filepath.Join(binDir, "ferry-bench"), "--server", c.nodes[0].url(), "pairs",
+			"--pairs", "3", "--messages", "20", "--cluster-placement", placement, "--redis", c.redis.URL(), "--json").CombinedOutput()
+		if err != nil {
+			t.Fatalf("ferry-bench %s: %v\n%s", placement, err, out)
+		}
+		var res struct {
+			Messages   int    `json:"messages"`
+			Lost       int    `json:"lost"`
+			Duplicates int    `json:"duplicates"`
+			Placement  string `json:"cluster_placement"`
+		}
+		if err := json.Unmarshal(out, &res); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		if res.Messages != 60 || res.Lost != 0 || res.Duplicates != 0 || res.Placement != placement {
+			t.Fatalf("ferry-bench %s: %s", placement, out)
+		}
+		// same: no send crosses nodes; cross: each one does (at least one
+		// append call per message).
+		if n := appends(); placement == "same" && n != 0 || placement == "cross" && n < 60 {
+			t.Fatalf("after placement %s: %v node-to-node appends", placement, n)
+		}
+	}
 }

@@ -60,7 +60,7 @@ func startCluster(t *testing.T, n int) *testCluster {
 	c := &testCluster{t: t, redis: rs, rdb: rdb, used: map[string]bool{}}
 	for i := range n {
 		id := fmt.Sprint("n", i+1)
-		args := []string{"--send-rate", "inf", "--redis", rs.URL(), "--node-id", id, "--cluster-secret-file", secret,
+		args := []string{"--send-rate", "inf", "--register-rate", "inf", "--conn-rate", "inf", "--max-conns-per-ip", "0", "--redis", rs.URL(), "--node-id", id, "--cluster-secret-file", secret,
 			"--cluster-expect-nodes", strconv.Itoa(n), "--cluster-lease-ttl", clusterLeaseTTL.String()}
 		if i == 0 {
 			args = append(args, "--cluster-bootstrap")
