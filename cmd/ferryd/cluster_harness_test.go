@@ -40,6 +40,9 @@ type testCluster struct {
 	ids   []string
 	smap  cluster.ShardMap
 	used  map[string]bool // usernames handed out
+	// addrs are the nodes' URLs, fixed at start (restarts keep them; read
+	// here, not from the servers, which a restart writes).
+	addrs []string
 }
 
 // startCluster starts Redis and n ferryd nodes (n1 bootstraps the cluster)
@@ -70,6 +73,7 @@ func startCluster(t *testing.T, n int) *testCluster {
 		t.Cleanup(s.stop)
 		c.nodes = append(c.nodes, s)
 		c.ids = append(c.ids, id)
+		c.addrs = append(c.addrs, s.url())
 	}
 	st := c.awaitStatus("every shard owned", func(st cluster.Status) bool { return owned(st) == st.Meta.Shards })
 	c.smap, err = cluster.NewShardMap(st.Meta.Shards)
@@ -179,8 +183,8 @@ next:
 // next one when a node is down).
 func (c *testCluster) urls(first int) []string {
 	var out []string
-	for k := range c.nodes {
-		out = append(out, c.nodes[(first+k)%len(c.nodes)].url())
+	for k := range c.addrs {
+		out = append(out, c.addrs[(first+k)%len(c.addrs)])
 	}
 	return out
 }
@@ -195,7 +199,7 @@ func (c *testCluster) newDevice(name string, via int) *crashDevice {
 	d := &crashDevice{name: name, key: key, reg: 7}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	conn, at, err := client.DialAs(ctx, c.nodes[via].url(), client.DialOptions{ClientName: "cluster-test"}, func(conn *client.Conn) error {
+	conn, at, err := client.DialAs(ctx, c.addrs[via], client.DialOptions{ClientName: "cluster-test"}, func(conn *client.Conn) error {
 		_, err := conn.Register(ctx, name, key, d.reg)
 		return err
 	})
@@ -203,7 +207,7 @@ func (c *testCluster) newDevice(name string, via int) *crashDevice {
 		c.t.Fatalf("register %s via %s: %v", name, c.ids[via], err)
 	}
 	conn.Close()
-	if owner := c.nodes[c.ownerOf(name)].url(); at != owner {
+	if owner := c.addrs[c.ownerOf(name)]; at != owner {
 		c.t.Fatalf("register %s: connected to %s, owner is %s", name, at, owner)
 	}
 	attempt := 0
