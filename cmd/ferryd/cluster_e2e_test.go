@@ -295,28 +295,21 @@ func TestClusterFencing(t *testing.T) {
 		t.Fatal(err)
 	}
 	epochS := before.Shards[shard].Epoch
-	epochB := before.Shards[c.smap.Account(snd)].Epoch
 
-	// Pause n2 until its lease of the shard expires in Redis, then take it.
+	// Pause n2 until all its leases expire in Redis, then take the shard.
 	if err := n2.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = n2.cmd.Process.Signal(syscall.SIGCONT) })
+	c.awaitStatus("n2's leases expired", func(st cluster.Status) bool {
+		for _, s := range st.Shards {
+			if s.Owner == "n2" {
+				return false
+			}
+		}
+		return true
+	})
 	leases := cluster.NewLeases(c.rdb, "")
-	for {
-		_, held, _, err := leases.Get(ctx, shard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !held {
-			break
-		}
-		select {
-		case <-ctx.Done():
-			t.Fatal("n2's lease never expired")
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
 	thief := cluster.Holder{Node: "thief", Instance: "test"}
 	stolen, err := leases.Acquire(ctx, shard, thief, time.Minute, epochS+10)
 	if err != nil {
@@ -345,9 +338,13 @@ func TestClusterFencing(t *testing.T) {
 	awaitMetrics(t, n2, func(m metricsText) bool { return sumMetric(m, "ferry_cluster_lease_lost_total") >= 1 })
 	gaveUp := fmt.Sprintf("shard taken over by another node: no longer its home\" node=n2 shard=%d owner=thief epoch=%d", shard, stolen)
 	awaitLog(t, n2, gaveUp)
-	st := c.awaitStatus("n2 re-acquires the shards nobody took", func(st cluster.Status) bool {
-		b := st.Shards[c.smap.Account(snd)]
-		return b.Owner == "n2" && b.Epoch > epochB
+	st := c.awaitStatus("n2 re-acquires the shards nobody took, at higher epochs", func(st cluster.Status) bool {
+		for i, s := range st.Shards {
+			if b := before.Shards[i]; b.Owner == "n2" && cluster.ShardID(i) != shard && (s.Owner != "n2" || s.Epoch <= b.Epoch) {
+				return false
+			}
+		}
+		return true
 	})
 	if s := st.Shards[shard]; s.Owner != "thief" || s.Epoch != stolen {
 		t.Fatalf("shard %d: %+v, want the thief's at epoch %d", shard, s, stolen)
