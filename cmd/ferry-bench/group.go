@@ -327,7 +327,9 @@ func linkDevice(ctx context.Context, server string, p *device) (*client.Conn, er
 		identity[32] &= 0x7f // the server wants a canonical key
 	}
 	eph, _ := ecdh.X25519().GenerateKey(rand.Reader)
-	conn, err := client.Dial(ctx, server, client.DialOptions{ClientName: "ferry-bench"})
+	// A link code lives on the node the new device asks: in a cluster, the
+	// primary's (its account's owner), where the approval runs.
+	conn, err := client.Dial(ctx, cmp.Or(p.url, server), benchDial)
 	if err != nil {
 		return nil, err
 	}

@@ -5,6 +5,11 @@
 //
 //	ferry-bench --server ws://127.0.0.1:7600 pairs --pairs 16 --messages 200 [--json]
 //
+// Against a cluster, --server may be any node (every dial follows the
+// WRONG_NODE redirect to the account's owner); pairs --cluster-placement
+// same|cross --redis URL places each pair's two accounts on one node or on
+// two (cluster.go).
+//
 // Modes: pairs, drain, idle, group (group.go).
 package main
 
@@ -77,6 +82,7 @@ type device struct {
 	name string
 	reg  uint32
 	conn *client.Conn
+	url  string // the node the connection is on (a cluster redirects to the account's owner)
 }
 
 func newDevice(ctx context.Context, server, name string) (*device, error) {
@@ -87,16 +93,27 @@ func newDevice(ctx context.Context, server, name string) (*device, error) {
 // newDeviceKey is newDevice that also returns the auth key (to reconnect).
 func newDeviceKey(ctx context.Context, server, name string) (*device, ed25519.PrivateKey, error) {
 	_, key, _ := ed25519.GenerateKey(rand.Reader)
-	conn, err := client.Dial(ctx, server, client.DialOptions{ClientName: "ferry-bench"})
-	if err != nil {
-		return nil, nil, err
-	}
 	reg := uint32(1 + len(name)%16000)
-	if _, err := conn.Register(ctx, name, key, reg); err != nil {
-		conn.Close()
+	conn, at, err := client.DialAs(ctx, server, benchDial, func(c *client.Conn) error {
+		_, err := c.Register(ctx, name, key, reg)
+		return err
+	})
+	if err != nil {
 		return nil, nil, fmt.Errorf("register %s: %w", name, err)
 	}
-	return &device{name: name, reg: reg, conn: conn}, key, nil
+	return &device{name: name, reg: reg, conn: conn, url: at}, key, nil
+}
+
+var benchDial = client.DialOptions{ClientName: "ferry-bench"}
+
+// dialAuth connects as device 1 of name through server, following cluster
+// redirects to the node that serves the account.
+func dialAuth(ctx context.Context, server, name string, key ed25519.PrivateKey) (*client.Conn, error) {
+	conn, _, err := client.DialAs(ctx, server, benchDial, func(c *client.Conn) error {
+		_, err := c.Auth(ctx, name, 1, key, false)
+		return err
+	})
+	return conn, err
 }
 
 type drainResult struct {
@@ -154,14 +171,11 @@ func drain(server string, args []string) error {
 		return firstErr
 	}
 	start := time.Now()
-	conn, err := client.Dial(ctx, server, client.DialOptions{ClientName: "ferry-bench"})
+	conn, err := dialAuth(ctx, server, r.name, key)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	if _, err := conn.Auth(ctx, r.name, 1, key, false); err != nil {
-		return err
-	}
 	got := map[uint64]bool{}
 	var batch []uint64
 	for len(got) < *k {
@@ -206,6 +220,7 @@ type pairsResult struct {
 	Rate         float64 `json:"rate"` // offered msgs/s, 0: unpaced
 	Idle         int     `json:"idle_connections"`
 	E2EE         bool    `json:"e2ee"`
+	Placement    string  `json:"cluster_placement,omitempty"`
 }
 
 func pairs(server string, args []string) error {
@@ -217,8 +232,14 @@ func pairs(server string, args []string) error {
 	idleN := fs.Int("idle", 0, "extra idle authenticated connections held during the run (at most 15,000 per process)")
 	e2ee := fs.Bool("e2ee", false, "real Signal sessions through the client SDK (the end-to-end figure; client crypto shares the cores)")
 	asJSON := fs.Bool("json", false, "print one JSON object")
+	placement := fs.String("cluster-placement", "", "same|cross: each pair's sender and receiver on the same cluster node or on two different ones (needs --redis)")
+	redisURL := fs.String("redis", "", "the cluster's Redis, read for shard owners with --cluster-placement")
+	redisPrefix := fs.String("cluster-prefix", "", "the cluster's Redis key prefix (default ferry:)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if (*placement == "") != (*redisURL == "") {
+		return errors.New("pairs: --cluster-placement and --redis go together")
 	}
 	if *idleN < 0 || *idleN > 15000 {
 		return errors.New("pairs: --idle must be 0..15000 per process (20,000 open files)")
@@ -237,6 +258,9 @@ func pairs(server string, args []string) error {
 			return err
 		}
 	}
+	if *e2ee && *placement != "" {
+		return errors.New("pairs: --cluster-placement is for the raw pairs, not --e2ee")
+	}
 	if *e2ee {
 		return e2eePairs(ctx, server, run, *np, *nm, *rate, *idleN, *asJSON)
 	}
@@ -244,14 +268,29 @@ func pairs(server string, args []string) error {
 	if *rate > 0 {
 		interval = time.Duration(float64(time.Second) * float64(*np) / *rate)
 	}
+	var pl *placer
+	if *placement != "" {
+		var err error
+		if pl, err = newPlacer(ctx, *redisURL, *redisPrefix); err != nil {
+			return err
+		}
+	}
 	type pair struct{ s, r *device }
 	ps := make([]pair, *np)
 	for i := range ps {
-		s, err := newDevice(ctx, server, fmt.Sprintf("bs%s_%d", run, i))
+		sname, rname := fmt.Sprintf("bs%s_%d", run, i), fmt.Sprintf("br%s_%d", run, i)
+		if pl != nil {
+			sn, rn, err := pl.pairNodes(i, *placement)
+			if err != nil {
+				return err
+			}
+			sname, rname = pl.name(sname, sn), pl.name(rname, rn)
+		}
+		s, err := newDevice(ctx, server, sname)
 		if err != nil {
 			return err
 		}
-		r, err := newDevice(ctx, server, fmt.Sprintf("br%s_%d", run, i))
+		r, err := newDevice(ctx, server, rname)
 		if err != nil {
 			return err
 		}
@@ -342,7 +381,7 @@ func pairs(server string, args []string) error {
 	if firstErr != nil {
 		return firstErr
 	}
-	res := pairsResult{Pairs: *np, Messages: *np * *nm, Lost: lost, Duplicates: dups, Rate: *rate, Idle: *idleN,
+	res := pairsResult{Pairs: *np, Messages: *np * *nm, Lost: lost, Duplicates: dups, Rate: *rate, Idle: *idleN, Placement: *placement,
 		MsgsPerSec: float64(*np**nm) / elapsed.Seconds(),
 		AckP50Ms:   pct(ackLat, 0.50), AckP99Ms: pct(ackLat, 0.99),
 		DeliverP50Ms: pct(deliverLat, 0.50), DeliverP99Ms: pct(deliverLat, 0.99), DeliverP999: pct(deliverLat, 0.999)}
@@ -354,8 +393,12 @@ func pairs(server string, args []string) error {
 }
 
 func printPairs(res pairsResult) {
-	fmt.Printf("pairs %d, messages %d, %.0f msgs/s (persist → ✓ → deliver → ack → delete), offered rate %v, idle connections %d, e2ee %v\n",
-		res.Pairs, res.Messages, res.MsgsPerSec, res.Rate, res.Idle, res.E2EE)
+	where := ""
+	if res.Placement != "" {
+		where = ", cluster placement " + res.Placement
+	}
+	fmt.Printf("pairs %d, messages %d, %.0f msgs/s (persist → ✓ → deliver → ack → delete), offered rate %v, idle connections %d, e2ee %v%s\n",
+		res.Pairs, res.Messages, res.MsgsPerSec, res.Rate, res.Idle, res.E2EE, where)
 	fmt.Printf("send→✓       p50 %.2f ms  p99 %.2f ms\n", res.AckP50Ms, res.AckP99Ms)
 	fmt.Printf("send→deliver p50 %.2f ms  p99 %.2f ms  p99.9 %.2f ms\n", res.DeliverP50Ms, res.DeliverP99Ms, res.DeliverP999)
 	fmt.Printf("lost %d, duplicates %d\n", res.Lost, res.Duplicates)

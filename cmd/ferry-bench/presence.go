@@ -258,12 +258,8 @@ func presenceWorker(server string, args []string) error {
 		return first
 	}
 	connect := func(i int) error {
-		c, err := client.Dial(ctx, server, client.DialOptions{ClientName: "ferry-bench"})
+		c, err := dialAuth(ctx, server, name(*from+i), keys[i])
 		if err != nil {
-			return err
-		}
-		if _, err := c.Auth(ctx, name(*from+i), 1, keys[i], false); err != nil {
-			c.Close()
 			return err
 		}
 		drain(c)

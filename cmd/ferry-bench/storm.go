@@ -153,12 +153,8 @@ func storm(server string, args []string) error {
 					break
 				}
 				attempts.Add(1)
-				c, err := client.Dial(ctx, server, client.DialOptions{ClientName: "ferry-bench"})
+				c, err := dialAuth(ctx, server, d.d.name, d.key)
 				if err != nil {
-					continue
-				}
-				if _, err := c.Auth(ctx, d.d.name, 1, d.key, false); err != nil {
-					c.Close()
 					continue
 				}
 				conn = c

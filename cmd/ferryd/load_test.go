@@ -26,6 +26,9 @@ type crashDevice struct {
 	name string
 	key  ed25519.PrivateKey
 	reg  uint32
+	// dial, if set, replaces dialing srv and Auth (a cluster device follows
+	// redirects over several nodes: cluster_harness_test.go).
+	dial func(context.Context) (*client.Conn, error)
 }
 
 func newCrashDevice(t *testing.T, srv *server, name string) *crashDevice {
@@ -49,6 +52,15 @@ func newCrashDevice(t *testing.T, srv *server, name string) *crashDevice {
 func (d *crashDevice) connect(ctx context.Context) (*client.Conn, error) {
 	bo := client.Backoff{Min: 20 * time.Millisecond, Max: 200 * time.Millisecond}
 	for {
+		if d.dial != nil {
+			if conn, err := d.dial(ctx); err == nil {
+				return conn, nil
+			}
+			if err := bo.Wait(ctx); err != nil {
+				return nil, err
+			}
+			continue
+		}
 		conn, err := client.Dial(ctx, d.srv.url(), client.DialOptions{ClientName: "crash-test"})
 		if err == nil {
 			if _, err = conn.Auth(ctx, d.name, 1, d.key, false); err == nil {
@@ -88,11 +100,19 @@ type load struct {
 // startLoad registers pairs sender/receiver pairs on srv and starts them.
 func startLoad(t *testing.T, srv *server, pairs int, timeout time.Duration) *load {
 	t.Helper()
-	type pair struct{ s, r *crashDevice }
-	ps := make([]pair, pairs)
+	ps := make([]loadPair, pairs)
 	for i := range ps {
-		ps[i] = pair{newCrashDevice(t, srv, fmt.Sprint("cs", i)), newCrashDevice(t, srv, fmt.Sprint("cr", i))}
+		ps[i] = loadPair{newCrashDevice(t, srv, fmt.Sprint("cs", i)), newCrashDevice(t, srv, fmt.Sprint("cr", i))}
 	}
+	return startLoadPairs(t, ps, timeout)
+}
+
+// loadPair is a sender and its receiver.
+type loadPair struct{ s, r *crashDevice }
+
+// startLoadPairs starts the load of startLoad on given devices.
+func startLoadPairs(t *testing.T, ps []loadPair, timeout time.Duration) *load {
+	t.Helper()
 	l := &load{t: t, acked: map[string]uint64{}, got: map[string]*received{}, order: map[int][]uint64{},
 		closes: map[int]int{}, gotCh: make(chan struct{}, 1), ackCh: make(chan struct{}, 1)}
 	l.ctx, l.cancel = context.WithTimeout(context.Background(), timeout)
