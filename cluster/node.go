@@ -231,7 +231,12 @@ func (n *Node) Run(ctx context.Context) error {
 	t := time.NewTicker(n.cfg.RenewEvery)
 	defer t.Stop()
 	for {
-		err := n.Tick(ctx)
+		// A round must end well before the deadlines it renews: a Redis
+		// that does not answer (dial and read timeouts, retries) would
+		// otherwise hold it past them.
+		tctx, cancel := context.WithTimeout(ctx, n.cfg.RenewEvery)
+		err := n.Tick(tctx)
+		cancel()
 		if errors.Is(err, ErrSuperseded) {
 			return err
 		}

@@ -327,16 +327,16 @@ func linkDevice(ctx context.Context, server string, p *device) (*client.Conn, er
 		identity[32] &= 0x7f // the server wants a canonical key
 	}
 	eph, _ := ecdh.X25519().GenerateKey(rand.Reader)
-	// A link code lives on the node the new device asks: in a cluster, the
-	// primary's (its account's owner), where the approval runs.
-	conn, err := client.Dial(ctx, cmp.Or(p.url, server), benchDial)
+	// A link code lives on the node that serves the account (in a cluster
+	// LinkStart names it, and other nodes redirect there).
+	var r *wirepb.Response
+	conn, _, err := client.DialAs(ctx, cmp.Or(p.url, server), benchDial, func(conn *client.Conn) (err error) {
+		r, err = conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_LinkStart{LinkStart: &wirepb.LinkStart{
+			DeviceKey: key.Public().(ed25519.PublicKey), RegistrationId: p.reg, IdentityKey: identity, EphemeralKey: eph.PublicKey().Bytes(),
+			Account: p.name}}})
+		return err
+	})
 	if err != nil {
-		return nil, err
-	}
-	r, err := conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_LinkStart{LinkStart: &wirepb.LinkStart{
-		DeviceKey: key.Public().(ed25519.PublicKey), RegistrationId: p.reg, IdentityKey: identity, EphemeralKey: eph.PublicKey().Bytes()}}})
-	if err != nil {
-		conn.Close()
 		return nil, fmt.Errorf("link start for %s: %w", p.name, err)
 	}
 	a, err := p.conn.Do(ctx, &wirepb.ClientFrame{Body: &wirepb.ClientFrame_ApproveLink{ApproveLink: &wirepb.ApproveLink{

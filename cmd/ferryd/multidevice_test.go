@@ -28,12 +28,12 @@ func link(t *testing.T, srv *server, primaryHome string) (string, string) {
 }
 
 // linkVia is link through the server URL url (e.g. a proxy's).
-func linkVia(t *testing.T, url, primaryHome string) (string, string) {
+func linkVia(t *testing.T, url, primaryHome string, account ...string) (string, string) {
 	t.Helper()
 	newHome := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferry"), "--home", newHome, "--server", url, "link")
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "ferry"), append([]string{"--home", newHome, "--server", url, "link"}, account...)...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
