@@ -227,6 +227,9 @@ func (b *Bridge) watch(name string) {
 		b.watched[s] = map[string]struct{}{}
 	}
 	b.watched[s][name] = struct{}{}
+	// Read it again once watched: an event that arrived between the
+	// tracker's first read and now was not applied.
+	b.refetch[s] = true
 	b.mu.Unlock()
 	signal(b.sub)
 }
