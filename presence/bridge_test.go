@@ -61,6 +61,7 @@ type bridgeNode struct {
 	st    *Store
 	rdb   *redis.Client
 	owned map[string]bool
+	stop  func() // stops the bridge (the node died: nothing more is published)
 }
 
 func startBridgeNode(t *testing.T, url string, owned ...string) *bridgeNode {
@@ -93,7 +94,8 @@ func startBridgeNode(t *testing.T, url string, owned ...string) *bridgeNode {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); b.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done; n.tr.Close() })
+	n.stop = func() { cancel(); <-done }
+	t.Cleanup(func() { n.stop(); n.tr.Close() })
 	return n
 }
 
@@ -219,6 +221,11 @@ func TestBridgeRedisOutage(t *testing.T) {
 	if err != nil || res[0].State != wirepb.PresenceState_PRESENCE_UNKNOWN {
 		t.Fatalf("Redis down: Get %v, %v; want unknown, no error", res, err)
 	}
+	carol := newChanSub("carol")
+	got, err := a.tr.Subscribe(ctx, carol, []string{"bob"})
+	if err != nil || got[0].State != wirepb.PresenceState_PRESENCE_UNKNOWN {
+		t.Fatalf("Redis down: Subscribe %v, %v; want unknown, no error", got, err)
+	}
 	// Changes on the owner while Redis is down neither block nor panic.
 	b.tr.Disconnected("bob")
 	b.tr.Connected("bob")
@@ -231,8 +238,29 @@ func TestBridgeRedisOutage(t *testing.T) {
 	if err != nil || res[0].State != wirepb.PresenceState_ONLINE {
 		t.Fatalf("after restart: Get %v, %v; want online", res, err)
 	}
+	carol.await(t, wirepb.PresenceState_ONLINE) // subscribed while Redis was down
 	b.tr.Disconnected("bob")
 	alice.await(t, wirepb.PresenceState_OFFLINE)
+}
+
+// An owner that dies publishes no offline: its online records expire and
+// the viewers' node turns them unknown (never a stale "online" for ever).
+func TestBridgeOwnerDies(t *testing.T) {
+	rs := redistest.Start(t)
+	a := startBridgeNode(t, rs.URL(), "alice")
+	b := startBridgeNode(t, rs.URL(), "bob")
+	ctx := context.Background()
+	alice := newChanSub("alice")
+	if _, err := a.tr.Subscribe(ctx, alice, []string{"bob"}); err != nil {
+		t.Fatal(err)
+	}
+	b.tr.Connected("bob")
+	alice.await(t, wirepb.PresenceState_ONLINE)
+	b.stop()
+	alice.await(t, wirepb.PresenceState_PRESENCE_UNKNOWN)
+	if res, err := a.tr.Get(ctx, "alice", []string{"bob"}); err != nil || res[0].State != wirepb.PresenceState_PRESENCE_UNKNOWN {
+		t.Fatalf("Get after the owner died: %v, %v", res, err)
+	}
 }
 
 func TestBridgeUnwatchUnsubscribes(t *testing.T) {

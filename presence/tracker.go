@@ -298,8 +298,10 @@ type lookups struct {
 	rec    map[string]*Record
 }
 
-// load reads last seen and privacy of names (dedup'd, validated).
-func (t *Tracker) load(ctx context.Context, names []string) (lookups, error) {
+// remote reads the records of names this node does not keep (cluster
+// mode), from Redis through the bridge: no lock is held, so a slow Redis
+// delays only this request. It never fails (Redis down: unknown).
+func (t *Tracker) remote(ctx context.Context, names []string) lookups {
 	l := lookups{seen: make(map[string]time.Time, len(names)), priv: make(map[string]*wirepb.PresencePrivacy, len(names))}
 	if b := t.getBridge(); b != nil {
 		var remote []string
@@ -316,6 +318,12 @@ func (t *Tracker) load(ctx context.Context, names []string) (lookups, error) {
 			l.rec = b.records(ctx, remote) // Redis down: all unknown, no error
 		}
 	}
+	return l
+}
+
+// load reads last seen and privacy of the local accounts of names (dedup'd,
+// validated) into l (from remote).
+func (t *Tracker) load(ctx context.Context, names []string, l lookups) (lookups, error) {
 	for _, n := range names {
 		if l.remote[n] {
 			continue
@@ -389,7 +397,7 @@ func (t *Tracker) Get(ctx context.Context, viewer string, names []string) ([]*wi
 	if err != nil {
 		return nil, err
 	}
-	l, err := t.load(ctx, names)
+	l, err := t.load(ctx, names, t.remote(ctx, names))
 	if err != nil {
 		return nil, err
 	}
@@ -405,9 +413,10 @@ func (t *Tracker) Subscribe(ctx context.Context, s Subscriber, names []string) (
 	if err != nil {
 		return nil, err
 	}
+	rl := t.remote(ctx, names) // before privMu: Redis may be slow
 	t.privMu.Lock()
 	defer t.privMu.Unlock()
-	l, err := t.load(ctx, names)
+	l, err := t.load(ctx, names, rl)
 	if err != nil {
 		return nil, err
 	}

@@ -13,7 +13,7 @@ import (
 	"github.com/ferryhq/ferry/wire"
 )
 
-// registryTimeout bounds one registry write.
+// registryTimeout bounds one batch of registry writes.
 const registryTimeout = 2 * time.Second
 
 // devRegistry tells the node's device registry (Redis) which devices have
@@ -64,8 +64,9 @@ func (r *Router) DeviceDisconnected(dev wire.DeviceAddr) {
 	r.devs.add(cluster.DeviceRef{Username: dev.Account, Device: dev.Device}, -1)
 }
 
-// RunRegistry writes device registry changes until ctx ends. A failed
-// write is not retried here: the node keeps the devices it was told of and
+// RunRegistry writes device registry changes until ctx ends (the node
+// removes the devices still registered when it leaves). A failed write is
+// not retried here: the node keeps the devices it was told of and
 // re-writes them at each heartbeat, and a removal that failed expires with
 // its TTL.
 func (r *Router) RunRegistry(ctx context.Context) {
@@ -83,21 +84,25 @@ func (r *Router) RunRegistry(ctx context.Context) {
 		}
 		clear(d.dirty)
 		d.mu.Unlock()
+		// One deadline for the batch: with Redis unreachable the rest fail
+		// at once, but the node still records each change (its refresh
+		// writes the connected ones later; removals expire).
+		bctx, cancel := context.WithTimeout(ctx, registryTimeout)
+		failed := 0
 		for dev, up := range batch {
-			if ctx.Err() != nil {
-				return
-			}
-			cctx, cancel := context.WithTimeout(ctx, registryTimeout)
 			var err error
 			if up {
-				err = r.node.DeviceConnected(cctx, dev)
+				err = r.node.DeviceConnected(bctx, dev)
 			} else {
-				err = r.node.DeviceDisconnected(cctx, dev)
+				err = r.node.DeviceDisconnected(bctx, dev)
 			}
-			cancel()
 			if err != nil {
-				r.log.Debug("route: device registry write failed", "err", err)
+				failed++
 			}
+		}
+		cancel()
+		if failed > 0 {
+			r.log.Debug("route: device registry writes failed", "failed", failed, "of", len(batch))
 		}
 	}
 }
