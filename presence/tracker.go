@@ -62,6 +62,7 @@ type Tracker struct {
 	accts  map[string]*account            // guarded by mu
 	subs   map[Subscriber]map[string]bool // guarded by mu: what each subscriber watches
 	closed bool                           // guarded by mu
+	bridge *Bridge                        // guarded by mu: accounts of other nodes (cluster mode); nil: none
 }
 
 // account is what the tracker holds of one account, while it is online,
@@ -74,6 +75,10 @@ type account struct {
 	saving   int    // last-seen writes in flight
 	watchers map[Subscriber]struct{}
 	privacy  *wirepb.PresencePrivacy // loaded while watched
+	// remote: the account's truth is on another node (bridge.go); rec is
+	// its last known record there, nil = unknown.
+	remote bool
+	rec    *Record
 }
 
 type metrics struct {
@@ -173,6 +178,22 @@ func (t *Tracker) Connected(name string) {
 	t.push(name, a, &wirepb.PresenceInfo{Username: name, State: wirepb.PresenceState_ONLINE})
 }
 
+// SetBridge makes b the source of presence of accounts this node does not
+// keep, and the sink of changes of those it does (cluster mode). Call it
+// before the tracker serves.
+func (t *Tracker) SetBridge(b *Bridge) {
+	t.mu.Lock()
+	t.bridge = b
+	t.mu.Unlock()
+	b.attach(t)
+}
+
+func (t *Tracker) getBridge() *Bridge {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.bridge
+}
+
 // Disconnected records that a receiving connection of name ended.
 func (t *Tracker) Disconnected(name string) {
 	now := t.o.Now()
@@ -233,6 +254,9 @@ func offline(name string, at time.Time) *wirepb.PresenceInfo {
 // of one account reach each subscriber in the order they happened.
 func (t *Tracker) push(name string, a *account, info *wirepb.PresenceInfo) {
 	t.metrics.transitions.WithLabelValues(info.State.String()).Inc()
+	if t.bridge != nil {
+		t.bridge.publish(info)
+	}
 	for s := range a.watchers {
 		if !Visible(a.privacy, name, s.Viewer()) {
 			continue
@@ -268,12 +292,42 @@ func unknown(name string) *wirepb.PresenceInfo { return &wirepb.PresenceInfo{Use
 type lookups struct {
 	seen map[string]time.Time
 	priv map[string]*wirepb.PresencePrivacy
+	// remote names (their truth is on another node) and their records
+	// there (missing: unknown).
+	remote map[string]bool
+	rec    map[string]*Record
 }
 
-// load reads last seen and privacy of names (dedup'd, validated).
-func (t *Tracker) load(ctx context.Context, names []string) (lookups, error) {
+// remote reads the records of names this node does not keep (cluster
+// mode), from Redis through the bridge: no lock is held, so a slow Redis
+// delays only this request. It never fails (Redis down: unknown).
+func (t *Tracker) remote(ctx context.Context, names []string) lookups {
 	l := lookups{seen: make(map[string]time.Time, len(names)), priv: make(map[string]*wirepb.PresencePrivacy, len(names))}
+	if b := t.getBridge(); b != nil {
+		var remote []string
+		for _, n := range names {
+			if !b.local(n) {
+				remote = append(remote, n)
+			}
+		}
+		if len(remote) > 0 {
+			l.remote = make(map[string]bool, len(remote))
+			for _, n := range remote {
+				l.remote[n] = true
+			}
+			l.rec = b.records(ctx, remote) // Redis down: all unknown, no error
+		}
+	}
+	return l
+}
+
+// load reads last seen and privacy of the local accounts of names (dedup'd,
+// validated) into l (from remote).
+func (t *Tracker) load(ctx context.Context, names []string, l lookups) (lookups, error) {
 	for _, n := range names {
+		if l.remote[n] {
+			continue
+		}
 		p, err := t.be.Privacy(ctx, n)
 		if err != nil {
 			return l, err
@@ -316,6 +370,14 @@ func (t *Tracker) names(in []string) ([]string, error) {
 func (t *Tracker) answer(viewer string, names []string, l lookups) []*wirepb.PresenceInfo {
 	out := make([]*wirepb.PresenceInfo, len(names))
 	for i, n := range names {
+		if l.remote[n] {
+			r := l.rec[n]
+			if a := t.accts[n]; a != nil && a.remote {
+				r = newer(a.rec, r)
+			}
+			out[i] = r.view(n, viewer)
+			continue
+		}
 		p := l.priv[n]
 		if a := t.accts[n]; a != nil && a.privacy != nil {
 			p = a.privacy // newer than what was read, if a write raced
@@ -335,7 +397,7 @@ func (t *Tracker) Get(ctx context.Context, viewer string, names []string) ([]*wi
 	if err != nil {
 		return nil, err
 	}
-	l, err := t.load(ctx, names)
+	l, err := t.load(ctx, names, t.remote(ctx, names))
 	if err != nil {
 		return nil, err
 	}
@@ -351,9 +413,10 @@ func (t *Tracker) Subscribe(ctx context.Context, s Subscriber, names []string) (
 	if err != nil {
 		return nil, err
 	}
+	rl := t.remote(ctx, names) // before privMu: Redis may be slow
 	t.privMu.Lock()
 	defer t.privMu.Unlock()
-	l, err := t.load(ctx, names)
+	l, err := t.load(ctx, names, rl)
 	if err != nil {
 		return nil, err
 	}
@@ -379,6 +442,15 @@ func (t *Tracker) Subscribe(ctx context.Context, s Subscriber, names []string) (
 		}
 		cur[n] = true
 		a := t.get(n)
+		if l.remote[n] && !a.remote && len(a.watchers) == 0 && a.conns == 0 {
+			a.remote = true
+			if t.bridge != nil {
+				t.bridge.watch(n)
+			}
+		}
+		if a.remote {
+			a.rec = newer(a.rec, l.rec[n])
+		}
 		if a.privacy == nil {
 			a.privacy = l.priv[n] // privMu: no write can have raced this read
 		}
@@ -401,6 +473,12 @@ func (t *Tracker) unwatch(s Subscriber, name string) {
 		delete(a.watchers, s)
 		if len(a.watchers) == 0 {
 			a.privacy = nil
+			if a.remote {
+				a.remote, a.rec = false, nil
+				if t.bridge != nil {
+					t.bridge.unwatch(name)
+				}
+			}
 		}
 		t.gc(name, a)
 	}
@@ -437,6 +515,9 @@ func (t *Tracker) SetPrivacy(ctx context.Context, name string, p *wirepb.Presenc
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if t.bridge != nil {
+		t.bridge.publish(t.state(name, stored)) // the record carries the new setting
+	}
 	a := t.accts[name]
 	if a == nil || len(a.watchers) == 0 {
 		return nil

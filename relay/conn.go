@@ -160,6 +160,7 @@ func (c *conn) run() {
 		if !c.sendOnly {
 			c.s.hub.unregister(c.addr, c)
 			c.s.presence.Disconnected(c.addr.Account)
+			c.s.deviceDisconnected(c.addr)
 			<-c.pumpDone
 		}
 	}
@@ -321,6 +322,7 @@ func (c *conn) becomeDevice() {
 	// Online from now until run ends (a dead peer ends within two ping
 	// intervals); counted per connection, so a replacement makes no flap.
 	c.s.presence.Connected(c.addr.Account)
+	c.s.deviceConnected(c.addr)
 	if old := c.s.hub.register(c.addr, c); old != nil {
 		old.close(wire.CloseReplaced, "replaced by a newer connection of this device")
 	}

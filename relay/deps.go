@@ -87,6 +87,11 @@ type Cluster interface {
 	Deliver(ctx context.Context, devs []wire.DeviceAddr, frame []byte)
 	// ServesAccount reports whether this node serves account now.
 	ServesAccount(account string) bool
+	// DeviceConnected and DeviceDisconnected tell the cluster's device
+	// registry that dev's receiving connection is on this node / ended.
+	// They must not block (the registry is in Redis).
+	DeviceConnected(dev wire.DeviceAddr)
+	DeviceDisconnected(dev wire.DeviceAddr)
 }
 
 // Deps are the stores the relay serves from.

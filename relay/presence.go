@@ -17,6 +17,26 @@ import (
 	"github.com/ferryhq/ferry/wire/wirepb"
 )
 
+// SetPresenceBridge makes the tracker answer and push the presence of
+// accounts of other cluster nodes through b, and publish this node's
+// (cluster mode; call before serving).
+func (s *Server) SetPresenceBridge(b *presence.Bridge) { s.presence.SetBridge(b) }
+
+// deviceConnected and deviceDisconnected tell the cluster's device
+// registry (asynchronously) that a receiving connection of dev is here /
+// ended; nothing on one node.
+func (s *Server) deviceConnected(dev wire.DeviceAddr) {
+	if s.deps.Cluster != nil {
+		s.deps.Cluster.DeviceConnected(dev)
+	}
+}
+
+func (s *Server) deviceDisconnected(dev wire.DeviceAddr) {
+	if s.deps.Cluster != nil {
+		s.deps.Cluster.DeviceDisconnected(dev)
+	}
+}
+
 // conn is a presence.Subscriber.
 var _ presence.Subscriber = (*conn)(nil)
 

@@ -30,6 +30,7 @@ import (
 	"time"
 
 	"github.com/ferryhq/ferry/cluster"
+	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/relay"
 	"github.com/ferryhq/ferry/route/routepb"
 	"github.com/ferryhq/ferry/wire"
@@ -93,9 +94,11 @@ type Router struct {
 	log   *slog.Logger
 	m     *metrics
 
-	locals Locals                       // set by Deps, before serving
-	data   ShardData                    // set by SetShardData, before serving
-	srv    atomic.Pointer[relay.Server] // set by SetRelay
+	locals Locals                          // set by Deps, before serving
+	data   ShardData                       // set by SetShardData, before serving
+	srv    atomic.Pointer[relay.Server]    // set by SetRelay
+	bridge atomic.Pointer[presence.Bridge] // set by NewPresenceBridge (presence.go)
+	devs   *devRegistry                    // device registry writes (presence.go)
 
 	mu     sync.Mutex
 	owners map[cluster.ShardID]owner // guarded by mu
@@ -144,7 +147,7 @@ func NewRouter(cfg Config) (*Router, error) {
 	}
 	return &Router{cfg: cfg, node: cfg.Node, fence: cfg.Node.Fence(), smap: smap,
 		self: cfg.Node.Holder().Node, hc: &http.Client{Transport: tr, Timeout: cfg.Timeout},
-		log: cfg.Log, m: m, owners: make(map[cluster.ShardID]owner)}, nil
+		log: cfg.Log, m: m, owners: make(map[cluster.ShardID]owner), devs: newDevRegistry()}, nil
 }
 
 // ShardMap is the cluster's.

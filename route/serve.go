@@ -27,7 +27,14 @@ func marshalCall(from string, c *routepb.Call) ([]byte, error) {
 
 // SetRelay gives the router the relay that forwarded requests and events
 // run on (the relay is built over the router's stores, so after them).
-func (r *Router) SetRelay(srv *relay.Server) { r.srv.Store(srv) }
+// If a presence bridge was made (NewPresenceBridge), the relay's tracker
+// uses it from now on.
+func (r *Router) SetRelay(srv *relay.Server) {
+	if b := r.bridge.Load(); b != nil {
+		srv.SetPresenceBridge(b)
+	}
+	r.srv.Store(srv)
+}
 
 // Handler serves node-to-node calls at Path.
 func (r *Router) Handler() http.Handler {

@@ -10,10 +10,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/ferryhq/ferry/cluster"
+	"github.com/ferryhq/ferry/presence"
 	"github.com/ferryhq/ferry/relay"
 	"github.com/ferryhq/ferry/route"
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,17 +24,18 @@ import (
 // clusterFlags are the flags of cluster mode; without --redis the server
 // is the embedded single node.
 type clusterFlags struct {
-	redis      string
-	nodeID     string
-	advertise  string
-	shards     int
-	bootstrap  bool
-	secretFile string
-	prefix     string
-	leaseTTL   time.Duration
-	expect     int
-	strict     bool
-	callTO     time.Duration
+	redis       string
+	nodeID      string
+	advertise   string
+	shards      int
+	bootstrap   bool
+	secretFile  string
+	prefix      string
+	leaseTTL    time.Duration
+	expect      int
+	strict      bool
+	callTO      time.Duration
+	presenceTTL time.Duration
 }
 
 func (f *clusterFlags) register(fs *flag.FlagSet) {
@@ -47,6 +50,7 @@ func (f *clusterFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.expect, "cluster-expect-nodes", 0, "nodes the new cluster is started with: each claims at most its share of the never-owned shards")
 	fs.BoolVar(&f.strict, "cluster-strict-leases", false, "stop serving this node's shards when Redis cannot be reached for a lease TTL (default: keep serving them through a Redis outage; see docs/cluster.md)")
 	fs.DurationVar(&f.callTO, "cluster-call-timeout", 5*time.Second, "deadline of one node-to-node call")
+	fs.DurationVar(&f.presenceTTL, "cluster-presence-ttl", 30*time.Second, "lifetime in Redis of an online account's presence record, refreshed every third of it: a dead node's accounts turn unknown on other nodes within about 1.5× it")
 }
 
 // clusterNode is a running cluster membership.
@@ -55,6 +59,10 @@ type clusterNode struct {
 	router *route.Router
 	cancel context.CancelFunc
 	done   chan error // Run's result
+	// the presence bridge and the device registry writer, stopped by leave
+	// (docs/cluster.md, "Presence and the registry across nodes")
+	workers     sync.WaitGroup
+	stopWorkers context.CancelFunc
 }
 
 // joinCluster joins (waiting until Redis answers and the cluster exists)
@@ -106,6 +114,18 @@ func joinCluster(f clusterFlags, listen string, tls bool, db *pebble.DB, reg pro
 		<-cn.done
 		return nil, err
 	}
+	bridge, err := cn.router.NewPresenceBridge(presence.BridgeConfig{Redis: rdb, Prefix: f.prefix,
+		Backend: presence.NewStore(db), TTL: f.presenceTTL, Log: log, Registerer: reg})
+	if err != nil {
+		cancel()
+		<-cn.done
+		return nil, err
+	}
+	wctx, wcancel := context.WithCancel(context.Background())
+	cn.stopWorkers = wcancel
+	cn.workers.Add(2)
+	go func() { defer cn.workers.Done(); bridge.Run(wctx) }()
+	go func() { defer cn.workers.Done(); cn.router.RunRegistry(wctx) }()
 	sm, _ := node.ShardMap()
 	log.Info("ferryd: joined the cluster", "node", f.nodeID, "cluster", node.Meta().ID, "shards", sm.Count())
 	return cn, nil
@@ -141,6 +161,8 @@ func (cn *clusterNode) watchShards(ctx context.Context, srv *relay.Server, log *
 
 // leave releases the node's leases and registration (a clean stop).
 func (cn *clusterNode) leave() error {
+	cn.stopWorkers()
+	cn.workers.Wait()
 	cn.cancel()
 	err := <-cn.done
 	if errors.Is(err, context.Canceled) {
