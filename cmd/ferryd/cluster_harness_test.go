@@ -40,6 +40,8 @@ type testCluster struct {
 	ids   []string
 	smap  cluster.ShardMap
 	used  map[string]bool // usernames handed out
+	// secret is the cluster secret file (for ferryd cluster move/drain).
+	secret string
 	// addrs are the nodes' URLs, fixed at start (restarts keep them; read
 	// here, not from the servers, which a restart writes).
 	addrs []string
@@ -60,7 +62,7 @@ func startCluster(t *testing.T, n int) *testCluster {
 	if err := os.WriteFile(secret, []byte("cluster-e2e-secret-0123456789abcdef\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	c := &testCluster{t: t, redis: rs, rdb: rdb, used: map[string]bool{}}
+	c := &testCluster{t: t, redis: rs, rdb: rdb, used: map[string]bool{}, secret: secret}
 	for i := range n {
 		id := fmt.Sprint("n", i+1)
 		args := []string{"--send-rate", "inf", "--register-rate", "inf", "--conn-rate", "inf", "--max-conns-per-ip", "0", "--redis", rs.URL(), "--node-id", id, "--cluster-secret-file", secret,
