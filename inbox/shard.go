@@ -148,7 +148,7 @@ func (s *Store) ExportShard(ctx context.Context, f store.ShardFilter, emit func(
 
 // shardImport is a validated set of inbox ShardRecords.
 type shardImport struct {
-	accounts []string                              // distinct, sorted
+	accounts []string                               // distinct, sorted
 	devs     map[wire.DeviceAddr]*storepb.InboxMeta // every device with a record (nil: no meta)
 	entries  []importEntry
 	dedup    []importDedup

@@ -125,7 +125,7 @@ func fill(t *testing.T, n *node) *world {
 	gsend := func(from wire.DeviceAddr, id, cmid string, to ...wire.DeviceAddr) {
 		t.Helper()
 		must(n.in.AppendGroup(ctx, inbox.GroupAppend{Sender: from, ClientMsgID: cmid, Conversation: "g:" + id,
-			Env: &wirepb.Envelope{Sender: from.Account, SenderDevice: from.Device, GroupId: id, Type: wirepb.EnvelopeType_SIGNAL_MESSAGE},
+			Env:  &wirepb.Envelope{Sender: from.Account, SenderDevice: from.Device, GroupId: id, Type: wirepb.EnvelopeType_SIGNAL_MESSAGE},
 			Body: []byte("body " + cmid), Recipients: to}))
 	}
 	// Each body is shared by entries of both shards.
@@ -492,4 +492,3 @@ func TestImportRejects(t *testing.T) {
 		})
 	}
 }
-
