@@ -219,7 +219,7 @@ func parseShardImport(recs []*storepb.ShardRecord) (*shardImport, error) {
 			switch k[0] {
 			case prefixInbox:
 				m := parseEntry(v)
-				if len(rest) != entryIDBytes || m.refAt == 0 {
+				if len(rest) != entryIDBytes || m.refAt == 0 || proto.Unmarshal(v[:m.refAt], &wirepb.Envelope{}) != nil {
 					return nil, bad(i, "entry %x", k)
 				}
 				imp.entries = append(imp.entries, importEntry{dev: dev, id: entryID(k), val: v, meta: m})
@@ -248,7 +248,8 @@ func parseShardImport(recs []*storepb.ShardRecord) (*shardImport, error) {
 			}
 			imp.seqs = append(imp.seqs, importSeq{conv: string(k[1:]), v: binary.BigEndian.Uint64(v)})
 		case prefixBody:
-			if len(k) != 10 || k[9] != 'b' || binary.BigEndian.Uint64(k[1:9]) == 0 || r.GetBodyRefs() == 0 {
+			if len(k) != 10 || k[9] != 'b' || binary.BigEndian.Uint64(k[1:9]) == 0 || r.GetBodyRefs() == 0 ||
+				proto.Unmarshal(v, &wirepb.Envelope{}) != nil {
 				return nil, bad(i, "body %x", k)
 			}
 			imp.bodies = append(imp.bodies, importBody{src: binary.BigEndian.Uint64(k[1:9]), val: v,
