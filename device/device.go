@@ -20,8 +20,8 @@
 // map, Options.CacheSize): every write of a record goes through this store
 // under the account's lock and refreshes the cache after it committed, and a
 // miss is filled under the same lock, so the cache never holds a record
-// older than Pebble's. Whatever else writes 'a' keys (a shard move in
-// cluster mode) must start a new Store.
+// older than Pebble's. Shard moves write 'a' keys through ImportShard and
+// DropShard (shard.go), which hold every lock and drop what they change.
 package device
 
 import (

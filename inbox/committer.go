@@ -1075,7 +1075,10 @@ func (g *group) flush() {
 		g.set(metaKey(ds.addr), v)
 	}
 	for key, st := range g.ctrs {
-		if st.dirty {
+		switch {
+		case st.dirty && st.v == 0: // only DropShard sets a counter to 0: it goes
+			g.del([]byte(key))
+		case st.dirty:
 			g.set([]byte(key), binary.BigEndian.AppendUint64(nil, st.v))
 		}
 	}

@@ -764,6 +764,96 @@ func (x *FanoutRecipient) GetDeviceId() uint32 {
 	return 0
 }
 
+// ShardRecord is one stored record of a shard being moved between nodes
+// (docs/cluster.md, "Moving a shard: the store side"). It crosses the
+// network, so this format is stable: fields are only ever added.
+//
+// store names the store package that owns key ("device", "keys", "inbox",
+// "group", "push", "presence"); key and value are the record as the source
+// node stores it (key space in store/store.go), with one exception: node-
+// local ids. A shared group body ("inbox", key 'c' body_id(8) 'b') carries
+// body_refs, the number of the shard's inbox entries in the same export
+// that refer to it, and body_time_ms (its BodyRefs.server_time_ms); its
+// body_id is the SOURCE's id, only meaningful to match the EntryBodyRef of
+// the entries ('i' keys) of the same export. The importer gives each body a
+// new id in its own counter space and rewrites those references. Keys
+// 'c' (body counter), 'c' id 'r' (refs) and 'f' (fan-out) never appear.
+type ShardRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Store         string                 `protobuf:"bytes,1,opt,name=store,proto3" json:"store,omitempty"`
+	Key           []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	Value         []byte                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
+	BodyRefs      uint32                 `protobuf:"varint,4,opt,name=body_refs,json=bodyRefs,proto3" json:"body_refs,omitempty"`
+	BodyTimeMs    int64                  `protobuf:"varint,5,opt,name=body_time_ms,json=bodyTimeMs,proto3" json:"body_time_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardRecord) Reset() {
+	*x = ShardRecord{}
+	mi := &file_records_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardRecord) ProtoMessage() {}
+
+func (x *ShardRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_records_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardRecord.ProtoReflect.Descriptor instead.
+func (*ShardRecord) Descriptor() ([]byte, []int) {
+	return file_records_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ShardRecord) GetStore() string {
+	if x != nil {
+		return x.Store
+	}
+	return ""
+}
+
+func (x *ShardRecord) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *ShardRecord) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
+func (x *ShardRecord) GetBodyRefs() uint32 {
+	if x != nil {
+		return x.BodyRefs
+	}
+	return 0
+}
+
+func (x *ShardRecord) GetBodyTimeMs() int64 {
+	if x != nil {
+		return x.BodyTimeMs
+	}
+	return 0
+}
+
 var File_records_proto protoreflect.FileDescriptor
 
 const file_records_proto_rawDesc = "" +
@@ -829,7 +919,14 @@ const file_records_proto_rawDesc = "" +
 	"\tbody_size\x18\x06 \x01(\rR\bbodySize\"J\n" +
 	"\x0fFanoutRecipient\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x1b\n" +
-	"\tdevice_id\x18\x02 \x01(\rR\bdeviceIdB(Z&github.com/ferryhq/ferry/store/storepbb\x06proto3"
+	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\"\x8a\x01\n" +
+	"\vShardRecord\x12\x14\n" +
+	"\x05store\x18\x01 \x01(\tR\x05store\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
+	"\x05value\x18\x03 \x01(\fR\x05value\x12\x1b\n" +
+	"\tbody_refs\x18\x04 \x01(\rR\bbodyRefs\x12 \n" +
+	"\fbody_time_ms\x18\x05 \x01(\x03R\n" +
+	"bodyTimeMsB(Z&github.com/ferryhq/ferry/store/storepbb\x06proto3"
 
 var (
 	file_records_proto_rawDescOnce sync.Once
@@ -843,7 +940,7 @@ func file_records_proto_rawDescGZIP() []byte {
 	return file_records_proto_rawDescData
 }
 
-var file_records_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_records_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_records_proto_goTypes = []any{
 	(*Account)(nil),         // 0: ferry.store.v1.Account
 	(*Device)(nil),          // 1: ferry.store.v1.Device
@@ -856,6 +953,7 @@ var file_records_proto_goTypes = []any{
 	(*EntryBodyRef)(nil),    // 8: ferry.store.v1.EntryBodyRef
 	(*FanoutJob)(nil),       // 9: ferry.store.v1.FanoutJob
 	(*FanoutRecipient)(nil), // 10: ferry.store.v1.FanoutRecipient
+	(*ShardRecord)(nil),     // 11: ferry.store.v1.ShardRecord
 }
 var file_records_proto_depIdxs = []int32{
 	1,  // 0: ferry.store.v1.Account.devices:type_name -> ferry.store.v1.Device
@@ -879,7 +977,7 @@ func file_records_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_records_proto_rawDesc), len(file_records_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
