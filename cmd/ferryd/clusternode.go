@@ -5,11 +5,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/ferryhq/ferry/shardmove"
+	"github.com/ferryhq/ferry/store"
+	"github.com/ferryhq/ferry/store/storepb"
+	"google.golang.org/protobuf/proto"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -181,4 +187,59 @@ func deps(cn *clusterNode, d relay.Deps) relay.Deps {
 		Accounts: d.Accounts, Prekeys: d.Prekeys, Inbox: d.Inbox, Groups: d.Groups})
 	d.Cluster = cn.router
 	return d
+}
+
+// shardData is route.ShardData over this node's stores (package
+// shardmove), with records encoded as storepb.ShardRecord.
+type shardData struct {
+	smap   cluster.ShardMap
+	stores []shardmove.Store
+}
+
+func newShardData(cn *clusterNode, stores ...shardmove.Store) *shardData {
+	sm, _ := cn.node.ShardMap()
+	return &shardData{smap: sm, stores: stores}
+}
+
+// filter selects shard s: its accounts, its groups, and the dedup records
+// of group sends kept under the pseudo-account "#<hex group id>" (see
+// route, DedupAccount).
+func (d *shardData) filter(s cluster.ShardID) store.ShardFilter {
+	group := func(id []byte) bool { return len(id) == 16 && d.smap.Group([16]byte(id)) == s }
+	return store.ShardFilter{
+		Account: func(u string) bool {
+			if rest, ok := strings.CutPrefix(u, "#"); ok {
+				id, err := hex.DecodeString(rest)
+				return err == nil && group(id)
+			}
+			return d.smap.Account(u) == s
+		},
+		Group: group,
+	}
+}
+
+func (d *shardData) Export(ctx context.Context, s cluster.ShardID, emit func([]byte) error) error {
+	return shardmove.Export(ctx, d.stores, d.filter(s), func(r *storepb.ShardRecord) error {
+		b, err := proto.Marshal(r)
+		if err != nil {
+			return err
+		}
+		return emit(b)
+	})
+}
+
+func (d *shardData) Import(ctx context.Context, s cluster.ShardID, raw [][]byte) error {
+	recs := make([]*storepb.ShardRecord, len(raw))
+	for i, b := range raw {
+		r := &storepb.ShardRecord{}
+		if err := proto.Unmarshal(b, r); err != nil {
+			return fmt.Errorf("%w: record %d does not decode", store.ErrShardRecord, i)
+		}
+		recs[i] = r
+	}
+	return shardmove.Import(ctx, d.stores, recs)
+}
+
+func (d *shardData) Drop(ctx context.Context, s cluster.ShardID) error {
+	return shardmove.Drop(ctx, d.stores, d.filter(s))
 }

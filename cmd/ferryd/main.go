@@ -270,6 +270,7 @@ func run(c config) error {
 		db.Close()
 		return err
 	}
+	pushStore := push.NewStore(db)
 	var pusher relay.Push
 	var disp *push.Dispatcher
 	if len(providers) > 0 {
@@ -279,7 +280,7 @@ func run(c config) error {
 			AllowLocalEndpoints: c.push.allowLocal,
 			Online:              func(d wire.DeviceAddr) bool { return srv.Online(d) },
 			Registerer:          reg, Logger: log,
-		}, push.NewStore(db), providers)
+		}, pushStore, providers)
 		pusher = disp
 		kinds := make([]string, 0, len(providers))
 		for k := range providers {
@@ -288,6 +289,10 @@ func run(c config) error {
 		sort.Strings(kinds)
 		log.Info("ferryd: push wake-ups", "kinds", strings.Join(kinds, ","), "window", c.push.window.String())
 	}
+	prekeys := keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
+		LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst})
+	groups := group.New(db, accounts, groupOpts)
+	presenceStore := presence.NewStore(db)
 	srv = relay.New(relay.Config{
 		MaxFrameBytes: c.maxFrameBytes, MaxMessageBytes: c.maxMessageBytes, DeliveryWindow: c.window,
 		MaxPrekeysPerUpload: c.maxPrekeysUpload,
@@ -304,13 +309,15 @@ func run(c config) error {
 		ConnRate:      perSecond(c.limits.connRate), ConnBurst: c.limits.connBurst,
 	}, deps(cn, relay.Deps{
 		Accounts: localAccounts,
-		Prekeys: keys.New(db, keys.Options{MaxPerUpload: c.maxPrekeysUpload, MaxStored: c.maxPrekeysStored,
-			LowThreshold: c.prekeyLow, ClaimRate: rate.Limit(c.claimRate), ClaimBurst: c.claimBurst}),
+		Prekeys:  prekeys,
 		Inbox:    wrapInbox(ib, c.data),
-		Groups:   group.New(db, accounts, groupOpts),
+		Groups:   groups,
 		Push:     pusher,
-		Presence: presence.NewStore(db),
+		Presence: presenceStore,
 	}))
+	if cn != nil {
+		cn.router.SetShardData(newShardData(cn, localAccounts, prekeys, ib, groups, pushStore, presenceStore))
+	}
 	var superseded <-chan error
 	if cn != nil {
 		cn.router.SetRelay(srv)
