@@ -307,11 +307,11 @@ func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
 			if c.link != nil {
 				return c.badFrame(f.Id, wire.Errorf(wirepb.ErrorCode_UNEXPECTED_FRAME, "a linking connection cannot register"))
 			}
-			return c.register(f.Id, b.Register)
+			return aside(func() bool { return c.register(f.Id, b.Register) })
 		case *wirepb.ClientFrame_Auth:
-			return c.auth(f.Id, b.Auth)
+			return aside(func() bool { return c.auth(f.Id, b.Auth) })
 		case *wirepb.ClientFrame_LinkStart:
-			return c.linkStart(f.Id, b.LinkStart)
+			return aside(func() bool { return c.linkStart(f.Id, b.LinkStart) })
 		default:
 			return c.badFrame(f.Id, wire.Errorf(wirepb.ErrorCode_UNEXPECTED_FRAME, "authenticate first (Register or Auth)"))
 		}
@@ -335,6 +335,17 @@ func (c *conn) dispatch(f *wirepb.ClientFrame) bool {
 		c.serve(f)
 	}()
 	return true
+}
+
+// aside runs a handshake step for the reader on a short-lived goroutine and
+// waits for it. The steps' deep call chains (store reads, signature checks,
+// registration) would otherwise grow the reader's stack, which the runtime
+// halves only while less than a quarter of it is in use, and which an idle
+// connection keeps for its whole life (see docs/performance.md, issue 8).
+func aside(step func() bool) bool {
+	done := make(chan bool, 1)
+	go func() { done <- step() }()
+	return <-done
 }
 
 // becomeDevice makes this connection its device's: tracked for removal
