@@ -73,12 +73,14 @@ type conn struct {
 	writerDone chan struct{} // closed when wdone is set (no more writes possible)
 
 	// The delivery pump, started on demand by nudge once startPump allowed it.
-	pmu      sync.Mutex
-	pumpOn   bool // guarded by pmu: startPump was called
-	pumping  bool // guarded by pmu: a pump goroutine is running
-	pumpWake bool // guarded by pmu: woken while pumping, look again before exiting
-	pumpStop bool // guarded by pmu: run is ending, start no more pumps
-	pumps    sync.WaitGroup
+	pmu       sync.Mutex
+	pumpOn    bool // guarded by pmu: startPump was called
+	pumping   bool // guarded by pmu: a pump goroutine is running
+	pumpWake  bool // guarded by pmu: nudged while pumping, look again before exiting
+	pumpFreed bool // guarded by pmu: window room freed while pumping
+	behind    bool // guarded by pmu: the last pass stopped at a full window, the inbox may hold more
+	pumpStop  bool // guarded by pmu: run is ending, start no more pumps
+	pumps     sync.WaitGroup
 	// owned by the running pump (there is at most one; handed over through pmu)
 	cursor         uint64
 	queueEmptySent bool
@@ -146,8 +148,9 @@ func (c *conn) closeSocketNow() {
 	_ = c.ws.Close()
 }
 
-// nudge tells the delivery pump that the inbox or the window may have
-// changed, starting a pump if none is running. It never blocks.
+// nudge tells the delivery pump that the inbox may have new entries (every
+// commit that adds entries for this device calls it, through
+// Server.OnAppend), starting a pump if none is running. It never blocks.
 func (c *conn) nudge() {
 	c.pmu.Lock()
 	defer c.pmu.Unlock()
@@ -155,6 +158,28 @@ func (c *conn) nudge() {
 		c.pumpWake = true
 		return
 	}
+	c.startPumpLocked()
+}
+
+// windowFreed tells the delivery pump that acks made room in the window.
+// That is news only if the last pass stopped at a full window (behind):
+// otherwise it had handed over everything in the inbox, and anything added
+// since comes with a nudge. So an ack does not cost an inbox read.
+func (c *conn) windowFreed() {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	if c.pumping {
+		c.pumpFreed = true
+		return
+	}
+	if c.behind {
+		c.startPumpLocked()
+	}
+}
+
+// startPumpLocked starts a pump if deliveries are allowed. c.pmu must be held
+// and no pump running.
+func (c *conn) startPumpLocked() {
 	if !c.pumpOn || c.pumpStop || c.ctx.Err() != nil {
 		return
 	}
@@ -382,18 +407,20 @@ func (c *conn) startPump() {
 
 // pump hands the inbox over in id order, at most DeliveryWindow unacked at a
 // time, and exits when the inbox is drained or the window is full and no
-// nudge came meanwhile (the next append or ack starts it again). The inbox
-// is the source of truth: every pass re-reads it, so a lost wake-up delays
-// nothing past the next ack or append.
+// nudge came meanwhile (the next append, or an ack when the window was
+// full, starts it again). The inbox is the source of truth: every pass
+// re-reads it after the cursor, so no entry depends on one wake-up.
 func (c *conn) pump() {
 	defer c.pumps.Done()
 	for {
 		c.pmu.Lock()
-		c.pumpWake = false
+		c.pumpWake, c.pumpFreed = false, false
 		c.pmu.Unlock()
-		more, ok := c.deliverPass()
+		full, ok := c.deliverPass()
 		c.pmu.Lock()
-		if !ok || c.pumpStop || c.ctx.Err() != nil || (!more && !c.pumpWake) {
+		again := c.pumpWake || (full && c.pumpFreed)
+		if !ok || c.pumpStop || c.ctx.Err() != nil || !again {
+			c.behind = full
 			c.pumping = false
 			c.pmu.Unlock()
 			return
@@ -402,14 +429,15 @@ func (c *conn) pump() {
 	}
 }
 
-// deliverPass queues what the window has room for and reports whether the
-// inbox may hold more right now (more), and whether the pump may go on (ok).
-func (c *conn) deliverPass() (more, ok bool) {
+// deliverPass queues what the window has room for and reports whether it
+// stopped at a full window, so the inbox may hold more (full), and whether
+// the pump may go on (ok).
+func (c *conn) deliverPass() (full, ok bool) {
 	c.mu.Lock()
 	room := c.s.cfg.DeliveryWindow - len(c.inflight)
 	c.mu.Unlock()
 	if room <= 0 {
-		return false, true // an ack nudges
+		return true, true
 	}
 	items, err := c.s.deps.Inbox.RangeRaw(c.ctx, c.addr, c.cursor, room)
 	if err != nil {
@@ -431,17 +459,17 @@ func (c *conn) deliverPass() (more, ok bool) {
 		c.s.metrics.delivered.Inc()
 		c.cursor = it.ID
 	}
-	if len(items) < room {
-		if !c.queueEmptySent {
-			c.queueEmptySent = true
-			c.s.metrics.queueEmpty.Inc()
-			if !c.sendEvent(&wirepb.Event{Body: &wirepb.Event_QueueEmpty{QueueEmpty: &wirepb.QueueEmpty{}}}) {
-				return false, false
-			}
-		}
-		return false, true
+	if len(items) == room {
+		return true, true
 	}
-	return true, true
+	if !c.queueEmptySent {
+		c.queueEmptySent = true
+		c.s.metrics.queueEmpty.Inc()
+		if !c.sendEvent(&wirepb.Event{Body: &wirepb.Event_QueueEmpty{QueueEmpty: &wirepb.QueueEmpty{}}}) {
+			return false, false
+		}
+	}
+	return false, true
 }
 
 // startWriterLocked starts a writer unless one runs or writes are over.
