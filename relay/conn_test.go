@@ -1,7 +1,9 @@
 package relay
 
 import (
+	"bufio"
 	"bytes"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -9,6 +11,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TestWriteFramesBatch checks that frames written together in one socket
@@ -62,5 +65,70 @@ func TestWriteFramesBatch(t *testing.T) {
 				t.Fatalf("writeFrames: %v", err)
 			}
 		})
+	}
+}
+
+// pipeWriter is an http.ResponseWriter whose Hijack hands out one end of a
+// net.Pipe, so a test controls whether the client side reads at all.
+type pipeWriter struct {
+	hdr  http.Header
+	conn net.Conn
+}
+
+func (p *pipeWriter) Header() http.Header         { return p.hdr }
+func (p *pipeWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (p *pipeWriter) WriteHeader(int)             {}
+func (p *pipeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return p.conn, bufio.NewReadWriter(bufio.NewReader(p.conn), bufio.NewWriter(p.conn)), nil
+}
+
+// TestEnqueueBoundedWhenClientStopsReading checks that a connection whose
+// client reads nothing holds at most wcap queued frames, that enqueue then
+// gives up instead of blocking for good, and that the write side ends.
+func TestEnqueueBoundedWhenClientStopsReading(t *testing.T) {
+	srvEnd, cliEnd := net.Pipe()
+	defer cliEnd.Close()
+	// The client reads the upgrade response and nothing after it.
+	upgraded := make(chan error, 1)
+	go func() {
+		_, err := http.ReadResponse(bufio.NewReader(cliEnd), nil)
+		upgraded <- err
+	}()
+	req := httptest.NewRequest(http.MethodGet, "/", nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	ws, err := (&websocket.Upgrader{}).Upgrade(&pipeWriter{hdr: http.Header{}, conn: srvEnd}, req, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-upgraded; err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{WriteTimeout: 20 * time.Millisecond}
+	cfg.setDefaults()
+	s := &Server{cfg: cfg, metrics: newMetrics(prometheus.NewRegistry())}
+	c := newConn(s, ws, "pipe")
+	frame := []byte("frame")
+	accepted := 0
+	for c.enqueue(frame) {
+		accepted++
+		c.wmu.Lock()
+		n := len(c.wq)
+		c.wmu.Unlock()
+		if n > c.wcap {
+			t.Fatalf("%d frames queued, over the bound of %d", n, c.wcap)
+		}
+		if accepted > 10*c.wcap {
+			t.Fatalf("%d frames accepted although the client reads nothing", accepted)
+		}
+	}
+	<-c.writerDone // the writer's Write failed or the slow consumer was closed; writes are over
+	if c.ctx.Err() == nil {
+		t.Fatal("the connection is not closing")
+	}
+	if c.enqueue(frame) || c.tryEnqueue(frame) {
+		t.Fatal("a frame was queued after the write side ended")
 	}
 }
