@@ -573,7 +573,7 @@ func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error
 		delete(c.inflight, id)
 	}
 	c.mu.Unlock()
-	c.nudge()
+	c.windowFreed()
 	c.s.metrics.acked.Add(float64(len(deleted)))
 	for _, id := range deleted {
 		c.s.metrics.receipts.Add(float64(len(follow[id])))

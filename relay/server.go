@@ -136,9 +136,9 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 		s.refuseTooMany(w, limitConnsPerIP, s.cfg.ConnRetryAfter)
 		return
 	}
-	defer s.ipConns.release(ipKey)
 	ws, err := s.upgrader.Upgrade(w, r, nil)
 	if err != nil {
+		s.ipConns.release(ipKey)
 		s.metrics.rejected.WithLabelValues("upgrade").Inc()
 		return // the upgrader already answered
 	}
@@ -146,6 +146,7 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	if s.draining.Load() {
 		s.mu.Unlock()
+		s.ipConns.release(ipKey)
 		c.close(wire.CloseServerShutdown, "server is shutting down")
 		c.closeSocketNow()
 		return
@@ -153,13 +154,19 @@ func (s *Server) serveWS(w http.ResponseWriter, r *http.Request) {
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.conns, c)
-		s.mu.Unlock()
-		s.wg.Done()
+	// The handler returns at once, so net/http lets go of its request and
+	// buffers (about 10 KiB per connection) and of its deep stack; the
+	// connection lives on in its reader goroutine, owned by s.wg.
+	go func() {
+		defer func() {
+			s.mu.Lock()
+			delete(s.conns, c)
+			s.mu.Unlock()
+			s.ipConns.release(ipKey)
+			s.wg.Done()
+		}()
+		c.run()
 	}()
-	c.run()
 }
 
 // Shutdown stops accepting connections, tells every client to reconnect
