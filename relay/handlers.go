@@ -541,6 +541,13 @@ func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error
 			continue
 		}
 		devs, ok := senders[d.sender]
+		if !ok && c.s.deps.Cluster != nil && !c.s.deps.Cluster.ServesAccount(d.sender) {
+			// Cluster mode, a sender on another node: one marker for the
+			// account (device 0), which its owner addresses to each of its
+			// devices (route), instead of a read of its account from here.
+			devs, ok = allDevices, true
+			senders[d.sender] = devs
+		}
 		if !ok {
 			acct, err := c.s.deps.Accounts.Account(ctx, d.sender)
 			if err == nil {
@@ -580,6 +587,10 @@ func (c *conn) ack(ctx context.Context, a *wirepb.Ack) (*wirepb.AckResult, error
 	}
 	return &wirepb.AckResult{Deleted: uint32(len(deleted))}, nil
 }
+
+// allDevices stands for "every device of the account" in a receipt marker
+// for an account served by another node (device 0 is no device's id).
+var allDevices = []*storepb.Device{{Id: 0}}
 
 // receiptable reports whether acking d makes a DELIVERED marker for its
 // sender: a 1:1 or group message from another account, with a seq.

@@ -587,6 +587,9 @@ func (ib *routedInbox) AppendMarkers(ctx context.Context, entries []inbox.Entry)
 		var err error
 		if ib.r.Local(s) {
 			err = ib.r.guard(s, func() (err error) {
+				if es, err = ib.r.expandAccounts(ctx, ib.r.locals.Accounts, es); err != nil {
+					return err
+				}
 				n, err = ib.local.AppendMarkers(ctx, es)
 				return err
 			})

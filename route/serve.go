@@ -169,6 +169,10 @@ func (r *Router) serve(ctx context.Context, c *routepb.Call) *routepb.Reply {
 				}
 			}
 			return r.guard(shard, func() error {
+				es, err := r.expandAccounts(ctx, l.Accounts, es)
+				if err != nil {
+					return err
+				}
 				n, err := l.Inbox.AppendMarkers(ctx, es)
 				rep = &routepb.Reply{Result: &routepb.Reply_Markers{Markers: &routepb.MarkersResult{Stored: uint32(n)}}}
 				return err
@@ -331,3 +335,37 @@ func (r *Router) Deliver(ctx context.Context, devs []wire.DeviceAddr, event []by
 // ServesAccount reports whether this node serves account now (the relay
 // closes the sockets of accounts whose shard it lost).
 func (r *Router) ServesAccount(account string) bool { return r.Local(r.Account(account)) }
+
+// expandAccounts replaces each marker for device 0 ("every device of the
+// account", from a node that does not serve the account) by one marker per
+// device of the account as stored here; an unknown account gets none.
+func (r *Router) expandAccounts(ctx context.Context, accounts relay.Accounts, es []inbox.Entry) ([]inbox.Entry, error) {
+	var out []inbox.Entry
+	for i, e := range es {
+		if e.To.Device != 0 {
+			if out != nil {
+				out = append(out, e)
+			}
+			continue
+		}
+		if out == nil {
+			out = append(make([]inbox.Entry, 0, len(es)+4), es[:i]...)
+		}
+		acct, err := accounts.Account(ctx, e.To.Account)
+		if wire.CodeOf(err) == wirepb.ErrorCode_UNKNOWN_ACCOUNT {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, d := range acct.Devices {
+			x := e
+			x.To.Device = d.Id
+			out = append(out, x)
+		}
+	}
+	if out == nil {
+		return es, nil
+	}
+	return out, nil
+}

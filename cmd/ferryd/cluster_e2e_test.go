@@ -196,6 +196,15 @@ func TestClusterMessages(t *testing.T) {
 	if len(ls) != 1 || ls[0].Text != "hello across nodes" || ls[0].From != alice {
 		t.Fatalf("%s got %+v", bob, ls)
 	}
+	// bob's ack, on bob's node, leaves alice (on another node) a DELIVERED
+	// receipt, addressed there to each of alice's devices.
+	delivered := false
+	for _, l := range parseLines(t, mustFerry(t, homes[alice], "recv", "--json")) {
+		delivered = delivered || (l.Type == "delivered" && l.From == bob && l.FromDevice == 1 && l.Seq == 1)
+	}
+	if !delivered {
+		t.Fatalf("%s got no delivered receipt from %s.1 for seq 1", alice, bob)
+	}
 
 	mustFerry(t, homes[alice], "group", "create", "team", bob, carol)
 	var want []string
