@@ -77,8 +77,9 @@ func (s *Store) do(ctx context.Context, apply func(g *group) error) error {
 // group.
 func (s *Store) run() {
 	defer close(s.stopped)
-	// The sync stage: at most one group waits for its fsync while the next
-	// one is built and applied (see commitGroup).
+	// The sync stage: at most two groups wait for their fsync (one in the
+	// stage, one in the channel) while the next one is built and applied
+	// (see commitGroup); the committer blocks beyond that.
 	s.syncing = make(chan *applied, 1)
 	syncDone := make(chan struct{})
 	go s.syncStage(syncDone)

@@ -102,6 +102,9 @@ func (s *Store) ExportShard(ctx context.Context, f store.ShardFilter, emit func(
 		return nil
 	})
 	if err != nil {
+		if snap != nil {
+			_ = snap.Close() // the op ran, then its group failed
+		}
 		return err
 	}
 	defer snap.Close()

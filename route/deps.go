@@ -347,11 +347,15 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 			return inbox.Accepted{}, err
 		}
 	}
+	var mu sync.Mutex
+	seq := acc.Seq
 	err := eachPart(ctx, parts, func(ctx context.Context, s cluster.ShardID, es []inbox.Entry) error {
-		a, err := ib.appendPart(ctx, s, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID, Seq: acc.Seq,
+		a, err := ib.appendPart(ctx, s, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID, Seq: seq,
 			Entries: es, DedupAccount: r.dedupAnchor(m.Sender, s, es[0].To.Account)})
 		if !hasConv && err == nil {
+			mu.Lock()
 			acc = a // no sequence: any part's time will do
+			mu.Unlock()
 		}
 		return err
 	})
@@ -444,6 +448,10 @@ func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (in
 	}
 	rest := m
 	rest.Conversation, rest.Seq, rest.Also = "", acc.Seq, nil
+	// The other parts keep the group's order key: without a conversation
+	// the inbox would have none, and a small part could be handed out
+	// ahead of a large one still queued for fan-out on the same node.
+	rest.Order = key
 	send := func(ctx context.Context, s cluster.ShardID, to []wire.DeviceAddr) error {
 		p := rest
 		p.Recipients = to

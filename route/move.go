@@ -12,6 +12,7 @@ package route
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/ferryhq/ferry/cluster"
+	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/route/routepb"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -38,6 +40,10 @@ type ShardData interface {
 	// Drop deletes every record of shard.
 	Drop(ctx context.Context, shard cluster.ShardID) error
 }
+
+// moveTransport carries move and import calls: no reply-header timeout
+// of its own (the call's deadline bounds it).
+var moveTransport = &http.Transport{MaxIdleConnsPerHost: 2, IdleConnTimeout: 30 * time.Second}
 
 // moveTimeout bounds a whole move as seen by the operator's command and
 // the import call.
@@ -85,15 +91,28 @@ func (r *Router) moveOut(ctx context.Context, shard cluster.ShardID, target stri
 		}
 	}()
 	var recs [][]byte
-	size := 0
-	err = r.data.Export(ctx, shard, func(rec []byte) error {
-		size += len(rec) + 8
-		if size > maxCallBytes-1024 {
-			return wire.Errorf(wirepb.ErrorCode_UNAVAILABLE, "route: shard %d holds more than %d bytes: too large for one move call", shard, maxCallBytes)
+	for attempt := 0; ; attempt++ {
+		recs = recs[:0]
+		size := 0
+		err = r.data.Export(ctx, shard, func(rec []byte) error {
+			size += len(rec) + 8
+			if size > maxCallBytes-1024 {
+				return wire.Errorf(wirepb.ErrorCode_MESSAGE_TOO_LARGE, "route: shard %d holds more than %d bytes: too large for one move call", shard, maxCallBytes)
+			}
+			recs = append(recs, rec)
+			return nil
+		})
+		// A fan-out job still writing entries for the shard: wait for it
+		// (the shard is fenced, so nothing new is queued for it).
+		if err == nil || !errors.Is(err, inbox.ErrFanoutPending) || attempt >= 50 {
+			break
 		}
-		recs = append(recs, rec)
-		return nil
-	})
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -157,8 +176,9 @@ func postTimeout(ctx context.Context, hc *http.Client, secret []byte, advertise 
 	}
 	req.Header.Set("Content-Type", "application/x-protobuf")
 	req.Header.Set(AuthHeader, sign(secret, body, time.Now()))
-	c := *hc
-	c.Timeout = timeout
+	// The router's transport gives up on a reply after the call timeout
+	// (5 s); an import may take longer, so moves use their own.
+	c := http.Client{Transport: moveTransport, Timeout: timeout}
 	resp, err := c.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCall, err)

@@ -259,6 +259,23 @@ func sign(secret, body []byte, t time.Time) string {
 	return ts + "." + hex.EncodeToString(mac.Sum(nil))
 }
 
+// checkTime checks an AuthHeader value's time alone, before the body is
+// read: a call from far outside the window is refused without reading it.
+func checkTime(header string, now time.Time) error {
+	ts, _, ok := strings.Cut(header, ".")
+	if !ok {
+		return fmt.Errorf("%w: malformed header", ErrAuth)
+	}
+	ms, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil {
+		return fmt.Errorf("%w: malformed time", ErrAuth)
+	}
+	if d := now.Sub(time.UnixMilli(ms)); d > maxSkew || d < -maxSkew {
+		return fmt.Errorf("%w: time %v off", ErrAuth, d.Round(time.Millisecond))
+	}
+	return nil
+}
+
 // verify checks an AuthHeader value for body at now.
 func verify(secret, body []byte, header string, now time.Time) error {
 	ts, sig, ok := strings.Cut(header, ".")
@@ -315,9 +332,14 @@ func (r *Router) call(ctx context.Context, kind string, c *routepb.Call) (*route
 		}
 		if e := rep.GetError(); e != nil {
 			we := wire.FromProto(e)
-			if we.Code == wirepb.ErrorCode_WRONG_NODE && attempt == 0 {
+			if we.Code == wirepb.ErrorCode_WRONG_NODE {
 				r.forget(shard)
-				continue
+				if attempt == 0 {
+					continue
+				}
+				// Ownership is changing under us (a move): for the client
+				// this is a retryable UNAVAILABLE, not a redirect.
+				return nil, unavailable(ErrNotOwner, "route: shard %d is changing owner; retry", shard)
 			}
 			return nil, we
 		}

@@ -130,7 +130,7 @@ func newTestNode(t *testing.T, rdb redis.UniversalClient, id string, bootstrap b
 	}
 	var h atomic.Pointer[http.Handler]
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { (*h.Load()).ServeHTTP(w, r) }))
-	ib, err := inbox.New(db, inbox.Options{Logger: quiet})
+	ib, err := inbox.New(db, inbox.Options{Logger: quiet, FanoutInline: 4, FanoutChunk: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -307,5 +307,61 @@ func TestHandlerAuth(t *testing.T) {
 		if resp.StatusCode != http.StatusUnauthorized {
 			t.Fatalf("header %q: HTTP %d, want 401", hdr, resp.StatusCode)
 		}
+	}
+}
+
+// A group's parts on other nodes keep the group's order: a small message
+// is not handed out ahead of a large one still being fanned out there.
+func TestGroupPartsKeepOrder(t *testing.T) {
+	rs := redistest.Start(t)
+	rdb := redis.NewClient(&redis.Options{Addr: rs.Addr()})
+	t.Cleanup(func() { _ = rdb.Close() })
+	ctx := context.Background()
+	a := newTestNode(t, rdb, "a", true)
+	b := newTestNode(t, rdb, "b", false)
+	for s, n := range map[cluster.ShardID]*testNode{0: a, 1: a, 2: b, 3: b, 4: b, 5: b, 6: b, 7: b} {
+		if _, err := n.node.Claim(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := a.r.ShardMap()
+	sender := register(t, a, nameOn(t, m, 0, "alice"))
+	var gid [16]byte
+	for i := 0; m.Group(gid) != 0; i++ {
+		gid[0], gid[1] = byte(i), byte(i>>8)
+	}
+	conv := "g:" + hex.EncodeToString(gid[:])
+	// 40 devices on b: over the inline bound (4), so b queues the part and
+	// writes it one entry per commit.
+	var many []wire.DeviceAddr
+	for i := range 40 {
+		many = append(many, wire.DeviceAddr{Account: nameOn(t, m, 2, "bob"+strconv.Itoa(i)+"x"), Device: 1})
+	}
+	last := many[len(many)-1]
+	send := func(id string, to []wire.DeviceAddr) {
+		t.Helper()
+		_, err := a.routed.inbox.AppendGroup(ctx, inbox.GroupAppend{Sender: sender, ClientMsgID: id, Conversation: conv,
+			Env: &wirepb.Envelope{Sender: sender.Account, SenderDevice: 1, GroupId: hex.EncodeToString(gid[:]),
+				Type: wirepb.EnvelopeType_SENDER_KEY_MESSAGE, ClientMsgId: id}, Body: []byte(id), Recipients: to})
+		if err != nil {
+			t.Fatalf("group send %s: %v", id, err)
+		}
+	}
+	send("big", many)
+	send("small", []wire.DeviceAddr{last})
+	var seqs []uint64
+	for deadline := time.Now().Add(10 * time.Second); len(seqs) < 2 && time.Now().Before(deadline); {
+		items, err := b.routed.inbox.Range(ctx, last, 0, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seqs = seqs[:0]
+		for _, it := range items {
+			seqs = append(seqs, it.Env.Seq)
+		}
+		time.Sleep(5 * time.Millisecond) // polling the inbox: the fan-out runs on b's committer
+	}
+	if len(seqs) != 2 || seqs[0] != 1 || seqs[1] != 2 {
+		t.Fatalf("%s's inbox holds seqs %v in id order, want [1 2]", last, seqs)
 	}
 }

@@ -43,6 +43,11 @@ func (r *Router) Handler() http.Handler {
 			http.Error(w, "POST only", http.StatusMethodNotAllowed)
 			return
 		}
+		if err := checkTime(req.Header.Get(AuthHeader), time.Now()); err != nil {
+			r.m.calls.WithLabelValues("served", "unauthenticated").Inc()
+			http.Error(w, "unauthenticated", http.StatusUnauthorized)
+			return
+		}
 		body, err := io.ReadAll(io.LimitReader(req.Body, maxCallBytes+1))
 		if err != nil {
 			http.Error(w, "read failed", http.StatusBadRequest)

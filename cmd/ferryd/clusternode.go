@@ -143,6 +143,7 @@ func (cn *clusterNode) watchShards(ctx context.Context, srv *relay.Server, log *
 	t := time.NewTicker(250 * time.Millisecond)
 	defer t.Stop()
 	prev := cn.node.Fence().Held()
+	sweeps := 0
 	for {
 		select {
 		case <-ctx.Done():
@@ -157,9 +158,13 @@ func (cn *clusterNode) watchShards(ctx context.Context, srv *relay.Server, log *
 			}
 		}
 		prev = held
-		if lost > 0 {
+		sweeps++
+		// Every second a full sweep as well: a socket authenticated just
+		// before a shard was released may register after the tick that
+		// noticed the loss.
+		if lost > 0 || sweeps%4 == 0 {
 			if n := srv.CloseUnserved(); n > 0 {
-				log.Info("ferryd: closed connections of shards no longer served here", "shards", lost, "connections", n)
+				log.Info("ferryd: closed connections of accounts no longer served here", "shards_lost", lost, "connections", n)
 			}
 		}
 	}
