@@ -361,7 +361,7 @@ type Item struct {
 // returns a *FullError (errors.Is ErrInboxFull) and stores nothing for any
 // recipient. m.Entries must not change until Append returns.
 func (s *Store) Append(ctx context.Context, m Send) (Accepted, error) {
-	if len(m.Entries) == 0 && m.Conversation == "" {
+	if len(m.Entries) == 0 && m.Conversation == "" && m.ClientMsgID == "" {
 		return Accepted{}, wire.Errorf(wirepb.ErrorCode_BAD_REQUEST, "inbox: send has no entries")
 	}
 	vals, err := marshalEntries(m.Entries)

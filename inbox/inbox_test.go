@@ -872,7 +872,7 @@ func TestBadInput(t *testing.T) {
 	s, _ := newStore(t, Options{})
 	ctx := context.Background()
 	tests := map[string]Send{
-		"no entries": {Sender: alice1, ClientMsgID: "m1"},
+		"no entries": {Sender: alice1}, // with a client msg id or a conversation it is a dedup/sequence record alone (cluster mode)
 		"nil env":    {Sender: alice1, Entries: []Entry{{To: bob1}}},
 		"bad utf8":   {Sender: alice1, Entries: []Entry{{To: bob1, Env: &wirepb.Envelope{Sender: "\xff"}}}},
 	}
@@ -906,5 +906,22 @@ func TestKeys(t *testing.T) {
 	v := withServerFields([]byte{}, 5, 0, -1)
 	if envTime(v) != -1 {
 		t.Errorf("envTime = %d, want -1", envTime(v))
+	}
+}
+
+// A send with no entries but a client message id stores its dedup record
+// alone (cluster mode's seal on the sender's shard): a retry is a duplicate.
+func TestAppendDedupRecordAlone(t *testing.T) {
+	s, _ := newStore(t, Options{})
+	ctx := context.Background()
+	acc, err := s.Append(ctx, Send{Sender: alice1, ClientMsgID: "seal", Seq: 7})
+	if err != nil || acc.Seq != 7 || acc.Duplicate {
+		t.Fatalf("Append = %+v, %v; want seq 7", acc, err)
+	}
+	if got, ok, err := s.Lookup(ctx, alice1, "seal"); err != nil || !ok || got.Seq != 7 {
+		t.Fatalf("Lookup = %+v, %v, %v; want seq 7", got, ok, err)
+	}
+	if acc, err := s.Append(ctx, Send{Sender: alice1, ClientMsgID: "seal", Seq: 9}); err != nil || !acc.Duplicate || acc.Seq != 7 {
+		t.Fatalf("retry = %+v, %v; want a duplicate of seq 7", acc, err)
 	}
 }

@@ -331,6 +331,24 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 	if m.Conversation != "" && !hasConv {
 		return inbox.Accepted{}, wire.Errorf(wirepb.ErrorCode_INTERNAL, "route: conversation key %q has no owner", m.Conversation)
 	}
+	// With a client message id, the sender's shard stores its part last
+	// and keeps the sender device's own dedup record there (the "seal"):
+	// that record then means every part is stored, so Lookup can answer a
+	// retry with the original result before anything is checked again.
+	// Every other part deduplicates under an account of its own shard.
+	sealed := m.ClientMsgID != ""
+	S := r.Account(m.Sender.Account)
+	anchorOn := func(s cluster.ShardID, account string) string {
+		if s == S {
+			return m.Sender.Account // not the seal's key: device 0, "<sender>.<device>:<id>"
+		}
+		return account
+	}
+	var sealEntries []inbox.Entry
+	if sealed && (!hasConv || c != S) {
+		sealEntries = parts[S]
+		delete(parts, S)
+	}
 	var acc inbox.Accepted
 	if hasConv {
 		// The conversation's owner first: it allocates the sequence number
@@ -340,9 +358,13 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 		if anchor2 := firstAccount(es); anchor2 != "" && r.Account(anchor2) == c {
 			anchor = anchor2
 		}
+		dedup := r.dedupAnchor(m.Sender, c, anchor)
+		if sealed {
+			dedup = anchorOn(c, anchor)
+		}
 		var err error
 		acc, err = ib.appendPart(ctx, c, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID,
-			Conversation: m.Conversation, Entries: es, DedupAccount: r.dedupAnchor(m.Sender, c, anchor)})
+			Conversation: m.Conversation, Entries: es, DedupAccount: dedup})
 		if err != nil {
 			return inbox.Accepted{}, err
 		}
@@ -350,8 +372,12 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 	var mu sync.Mutex
 	seq := acc.Seq
 	err := eachPart(ctx, parts, func(ctx context.Context, s cluster.ShardID, es []inbox.Entry) error {
+		dedup := r.dedupAnchor(m.Sender, s, es[0].To.Account)
+		if sealed {
+			dedup = anchorOn(s, es[0].To.Account)
+		}
 		a, err := ib.appendPart(ctx, s, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID, Seq: seq,
-			Entries: es, DedupAccount: r.dedupAnchor(m.Sender, s, es[0].To.Account)})
+			Entries: es, DedupAccount: dedup})
 		if !hasConv && err == nil {
 			mu.Lock()
 			acc = a // no sequence: any part's time will do
@@ -359,7 +385,17 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 		}
 		return err
 	})
-	return acc, err
+	if err != nil || !sealed {
+		return acc, err
+	}
+	a, err := ib.appendPart(ctx, S, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID, Seq: seq, Entries: sealEntries})
+	if err != nil {
+		return inbox.Accepted{}, err
+	}
+	if !hasConv {
+		acc = a
+	}
+	return acc, nil
 }
 
 func firstAccount(es []inbox.Entry) string {
@@ -431,11 +467,23 @@ func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (in
 	if !ok {
 		return inbox.Accepted{}, wire.Errorf(wirepb.ErrorCode_INTERNAL, "route: group append without a group conversation")
 	}
+	// A client's message ends with the seal on the sender's shard, as in
+	// Append: its own dedup record, written after every other part.
+	sealed := m.ClientMsgID != ""
+	S := r.Account(m.Sender.Account)
+	var sealTo []wire.DeviceAddr
+	if sealed && c != S {
+		sealTo = parts[S]
+		delete(parts, S)
+	}
 	// The group's owner first, with the membership writes (Also): it
 	// allocates the sequence number and holds the dedup record.
 	first := m
 	first.Recipients = parts[c]
 	first.DedupAccount = r.dedupAnchor(m.Sender, c, anchor)
+	if sealed {
+		first.DedupAccount = anchor // "#<group id>", on the group's shard
+	}
 	delete(parts, c)
 	if !r.Local(c) {
 		if len(m.Also) > 0 {
@@ -456,13 +504,25 @@ func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (in
 		p := rest
 		p.Recipients = to
 		p.DedupAccount = r.dedupAnchor(m.Sender, s, to[0].Account)
+		if sealed && s == S {
+			p.DedupAccount = m.Sender.Account // not the seal's key
+		}
 		_, err := ib.appendGroupPart(ctx, s, p)
 		return err
 	}
-	if m.ClientMsgID != "" {
+	if sealed {
 		// A client's message: a failed part fails the send, and the
-		// client's retry (same id) redoes only what is missing.
-		return acc, eachPart(ctx, parts, send)
+		// client's retry (same id) redoes only what is missing; the seal
+		// goes last.
+		if err := eachPart(ctx, parts, send); err != nil {
+			return inbox.Accepted{}, err
+		}
+		p := rest
+		p.Recipients, p.DedupAccount = sealTo, ""
+		if _, err := ib.appendGroupPart(ctx, S, p); err != nil {
+			return inbox.Accepted{}, err
+		}
+		return acc, nil
 	}
 	// A server-made update (membership change) is committed on the
 	// group's owner already: deliver the other parts with retries
@@ -508,12 +568,23 @@ func (ib *routedInbox) appendGroupPart(ctx context.Context, shard cluster.ShardI
 	return acceptedOf(rep.GetAccepted()), nil
 }
 
-// Lookup finds nothing in cluster mode: a send's parts may live on several
-// nodes, and only Append, part by part, can tell what is already stored
-// (each part deduplicates itself; the conversation's owner returns the
-// original sequence number).
-func (ib *routedInbox) Lookup(context.Context, wire.DeviceAddr, string) (inbox.Accepted, bool, error) {
-	return inbox.Accepted{}, false, nil
+// Lookup finds the sender device's own dedup record, which in cluster mode
+// is the seal a send writes on the sender's shard after every other part
+// (Append): found means the whole send is stored. It is on this node when
+// the sender's socket is (the relay's Send, SyncToDevice to an own device);
+// for a sender on another node (a forwarded request) it answers "not
+// found", and the parts deduplicate themselves (Forward checks the seal on
+// the sender's node first).
+func (ib *routedInbox) Lookup(ctx context.Context, sender wire.DeviceAddr, clientMsgID string) (acc inbox.Accepted, ok bool, err error) {
+	shard := ib.r.Account(sender.Account)
+	if !ib.r.Local(shard) {
+		return inbox.Accepted{}, false, nil
+	}
+	err = ib.r.guard(shard, func() (err error) {
+		acc, ok, err = ib.local.Lookup(ctx, sender, clientMsgID)
+		return err
+	})
+	return acc, ok, err
 }
 
 func (ib *routedInbox) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) (items []inbox.Item, err error) {

@@ -276,6 +276,15 @@ func TestSplitSend(t *testing.T) {
 	if we := (*wire.Error)(nil); !errors.As(err, &we) || !we.Retryable {
 		t.Fatalf("send to a shard nobody serves: %v, want a retryable error", err)
 	}
+	// alice's shard owns the conversation, so its part (with m3's sequence
+	// number) committed first; but the send is not whole, and the sender's
+	// own dedup record (the seal, Lookup's answer) is not there yet.
+	if _, found, err := a.routed.inbox.Lookup(ctx, alice, "m3"); err != nil || found {
+		t.Fatalf("Lookup m3 after a failed part = %v, %v; want not found", found, err)
+	}
+	if _, found, err := a.routed.inbox.Lookup(ctx, alice, "m1"); err != nil || !found {
+		t.Fatalf("Lookup m1 (stored everywhere) = %v, %v; want found", found, err)
+	}
 	// b takes it back; the retry lands once.
 	b.node.Unhold(m.Account(bob.Account))
 	if _, err := b.node.Claim(ctx, m.Account(bob.Account)); err != nil {
@@ -283,6 +292,9 @@ func TestSplitSend(t *testing.T) {
 	}
 	a.r.forget(m.Account(bob.Account))
 	send(a, alice, "m3", bob)
+	if acc, found, err := a.routed.inbox.Lookup(ctx, alice, "m3"); err != nil || !found || acc.Seq != 3 {
+		t.Fatalf("Lookup m3 after the retry = %+v, %v, %v; want seq 3", acc, found, err)
+	}
 	if got := count(b, bob); len(got) != 2 || got[1] != 3 {
 		t.Fatalf("bob's inbox seqs %v, want [1 3]", got)
 	}

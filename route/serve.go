@@ -304,6 +304,9 @@ func (r *Router) Forward(ctx context.Context, dev wire.DeviceAddr, f *wirepb.Cli
 	if !ok || r.Local(shard) {
 		return nil, false, nil
 	}
+	if res, ok, err := r.sealed(ctx, dev, f); err != nil || ok {
+		return res, true, err
+	}
 	frame, err := proto.Marshal(f)
 	if err != nil {
 		return nil, true, err
@@ -373,4 +376,36 @@ func (r *Router) expandAccounts(ctx context.Context, accounts relay.Accounts, es
 		return es, nil
 	}
 	return out, nil
+}
+
+// sealed answers a forwarded send (GroupSend, SyncToDevice to another
+// account) that is a retry of one stored before: its seal, the sender
+// device's dedup record, is on the sender's shard, here (see Append), so
+// the original result is returned without running the send again.
+func (r *Router) sealed(ctx context.Context, dev wire.DeviceAddr, f *wirepb.ClientFrame) (*wirepb.Response, bool, error) {
+	var id string
+	switch b := f.Body.(type) {
+	case *wirepb.ClientFrame_GroupSend:
+		id = b.GroupSend.ClientMsgId
+	case *wirepb.ClientFrame_SyncToDevice:
+		id = b.SyncToDevice.ClientMsgId
+	}
+	shard := r.Account(dev.Account)
+	if id == "" || r.locals.Inbox == nil || !r.Local(shard) {
+		return nil, false, nil
+	}
+	var acc inbox.Accepted
+	var found bool
+	err := r.guard(shard, func() (err error) {
+		acc, found, err = r.locals.Inbox.Lookup(ctx, dev, id)
+		return err
+	})
+	if err != nil || !found {
+		return nil, false, err
+	}
+	sr := &wirepb.SendResult{Seq: acc.Seq, ServerTimeMs: acc.ServerTime.UnixMilli(), Duplicate: true}
+	if _, ok := f.Body.(*wirepb.ClientFrame_GroupSend); ok {
+		return &wirepb.Response{Result: &wirepb.Response_GroupSend{GroupSend: sr}}, true, nil
+	}
+	return &wirepb.Response{Result: &wirepb.Response_SyncToDevice{SyncToDevice: sr}}, true, nil
 }
