@@ -37,8 +37,7 @@ func (s *Store) ExportShard(ctx context.Context, f store.ShardFilter, emit func(
 // one synced batch, and drops those accounts from the cache. It holds every
 // account lock meanwhile, so no change of this store interleaves.
 func (s *Store) ImportShard(ctx context.Context, recs []*storepb.ShardRecord) error {
-	s.lockAll()
-	defer s.unlockAll()
+	defer store.LockStripes(s.locks[:])()
 	owners, err := store.ImportKeys(ctx, s.db, shardKeys, recs)
 	s.dropCached(owners, err)
 	return err
@@ -47,8 +46,7 @@ func (s *Store) ImportShard(ctx context.Context, recs []*storepb.ShardRecord) er
 // DropShard deletes the records of the accounts f selects, in one synced
 // batch, and drops them from the cache.
 func (s *Store) DropShard(ctx context.Context, f store.ShardFilter) error {
-	s.lockAll()
-	defer s.unlockAll()
+	defer store.LockStripes(s.locks[:])()
 	owners, err := store.DropKeys(ctx, s.db, shardKeys, f)
 	s.dropCached(owners, err)
 	return err
@@ -70,16 +68,4 @@ func (c *recordCache) clear() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	clear(c.m)
-}
-
-func (s *Store) lockAll() {
-	for i := range s.locks {
-		s.locks[i].Lock()
-	}
-}
-
-func (s *Store) unlockAll() {
-	for i := range s.locks {
-		s.locks[i].Unlock()
-	}
 }

@@ -88,8 +88,7 @@ func (s *Store) ImportShard(ctx context.Context, recs []*storepb.ShardRecord) er
 			}
 		}
 	}
-	s.lockAll()
-	defer s.unlockAll()
+	defer store.LockStripes(s.locks[:])()
 	_, err := store.ImportKeys(ctx, s.db, shardKeys, recs)
 	return err
 }
@@ -97,20 +96,7 @@ func (s *Store) ImportShard(ctx context.Context, recs []*storepb.ShardRecord) er
 // DropShard deletes the records and member index keys of the groups f
 // selects, in one synced batch.
 func (s *Store) DropShard(ctx context.Context, f store.ShardFilter) error {
-	s.lockAll()
-	defer s.unlockAll()
+	defer store.LockStripes(s.locks[:])()
 	_, err := store.DropKeys(ctx, s.db, shardKeys, f)
 	return err
-}
-
-func (s *Store) lockAll() {
-	for i := range s.locks {
-		s.locks[i].Lock()
-	}
-}
-
-func (s *Store) unlockAll() {
-	for i := range s.locks {
-		s.locks[i].Unlock()
-	}
 }

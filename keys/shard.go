@@ -40,8 +40,7 @@ func (s *Store) ExportShard(ctx context.Context, f store.ShardFilter, emit func(
 // synced batch, holding every device lock (in stripe order, as lockDevices
 // does).
 func (s *Store) ImportShard(ctx context.Context, recs []*storepb.ShardRecord) error {
-	s.lockEvery()
-	defer s.unlockEvery()
+	defer store.LockStripes(s.locks[:])()
 	_, err := store.ImportKeys(ctx, s.db, shardKeys, recs)
 	return err
 }
@@ -49,20 +48,7 @@ func (s *Store) ImportShard(ctx context.Context, recs []*storepb.ShardRecord) er
 // DropShard deletes the keys of the accounts f selects, in one synced
 // batch.
 func (s *Store) DropShard(ctx context.Context, f store.ShardFilter) error {
-	s.lockEvery()
-	defer s.unlockEvery()
+	defer store.LockStripes(s.locks[:])()
 	_, err := store.DropKeys(ctx, s.db, shardKeys, f)
 	return err
-}
-
-func (s *Store) lockEvery() {
-	for i := range s.locks {
-		s.locks[i].Lock()
-	}
-}
-
-func (s *Store) unlockEvery() {
-	for i := range s.locks {
-		s.locks[i].Unlock()
-	}
 }

@@ -35,8 +35,7 @@ func (s *Store) ExportShard(ctx context.Context, f store.ShardFilter, emit func(
 // ImportShard replaces the registrations of the accounts of recs with
 // recs, in one synced batch, holding every device lock.
 func (s *Store) ImportShard(ctx context.Context, recs []*storepb.ShardRecord) error {
-	s.lockAll()
-	defer s.unlockAll()
+	defer store.LockStripes(s.locks[:])()
 	_, err := store.ImportKeys(ctx, s.db, shardKeys, recs)
 	return err
 }
@@ -44,20 +43,7 @@ func (s *Store) ImportShard(ctx context.Context, recs []*storepb.ShardRecord) er
 // DropShard deletes the registrations of the accounts f selects, in one
 // synced batch.
 func (s *Store) DropShard(ctx context.Context, f store.ShardFilter) error {
-	s.lockAll()
-	defer s.unlockAll()
+	defer store.LockStripes(s.locks[:])()
 	_, err := store.DropKeys(ctx, s.db, shardKeys, f)
 	return err
-}
-
-func (s *Store) lockAll() {
-	for i := range s.locks {
-		s.locks[i].Lock()
-	}
-}
-
-func (s *Store) unlockAll() {
-	for i := range s.locks {
-		s.locks[i].Unlock()
-	}
 }

@@ -2,10 +2,22 @@ package store
 
 import (
 	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/prometheus/client_golang/prometheus"
 )
+
+func fsyncSamples(mfs []*dto.MetricFamily) uint64 {
+	for _, mf := range mfs {
+		if mf.GetName() == "ferry_store_wal_fsync_seconds" {
+			return mf.GetMetric()[0].GetHistogram().GetSampleCount()
+		}
+	}
+	return 0
+}
 
 func TestCollector(t *testing.T) {
 	db, err := Open(t.TempDir(), Options{})
@@ -20,9 +32,19 @@ func TestCollector(t *testing.T) {
 	}
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(Collector(db))
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
+	// Pebble's WAL writer records an fsync's latency just after waking the
+	// writers it synced for, so the last sample may land a moment after
+	// Set returns: gather until it is there (or give up after 5 s).
+	var mfs []*dto.MetricFamily
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		mfs, err = reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fsyncSamples(mfs) >= 3 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond) // polling Pebble's metrics: no event to await
 	}
 	got := map[string]bool{}
 	for _, mf := range mfs {

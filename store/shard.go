@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/ferryhq/ferry/store/storepb"
@@ -266,4 +267,18 @@ func AccountOf(key []byte, n int, sep bool) (Owner, bool) {
 		return Owner{}, false
 	}
 	return Owner{Account: string(rest)}, true
+}
+
+// LockStripes locks every stripe of a striped lock, in order (so it cannot
+// deadlock with a writer taking several stripes in order), and returns the
+// unlock: stores hold them all while they import or drop a shard.
+func LockStripes(locks []sync.Mutex) (unlock func()) {
+	for i := range locks {
+		locks[i].Lock()
+	}
+	return func() {
+		for i := range locks {
+			locks[i].Unlock()
+		}
+	}
 }
