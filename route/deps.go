@@ -338,6 +338,17 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 	// Every other part deduplicates under an account of its own shard.
 	sealed := m.ClientMsgID != ""
 	S := r.Account(m.Sender.Account)
+	if shards, ok := allLocal(r, parts, S, c, hasConv); ok {
+		// Every part on this node: one commit holds every entry, the
+		// sequence and the sender's own dedup record, as on one node,
+		// under the fence of every shard involved.
+		var acc inbox.Accepted
+		err := r.guardAll(shards, func() (err error) {
+			acc, err = ib.local.Append(ctx, m)
+			return err
+		})
+		return acc, err
+	}
 	anchorOn := func(s cluster.ShardID, account string) string {
 		if s == S {
 			return m.Sender.Account // not the seal's key: device 0, "<sender>.<device>:<id>"
@@ -396,6 +407,26 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 		acc = a
 	}
 	return acc, nil
+}
+
+// allLocal returns the shards of the parts, the sender's and the
+// conversation's (if any) when this node serves all of them.
+func allLocal[T any](r *Router, parts map[cluster.ShardID][]T, sender, conv cluster.ShardID, hasConv bool) ([]cluster.ShardID, bool) {
+	shards := []cluster.ShardID{sender}
+	if hasConv && conv != sender {
+		shards = append(shards, conv)
+	}
+	for p := range parts {
+		if p != sender && (!hasConv || p != conv) {
+			shards = append(shards, p)
+		}
+	}
+	for _, s := range shards {
+		if !r.Local(s) {
+			return nil, false
+		}
+	}
+	return shards, true
 }
 
 func firstAccount(es []inbox.Entry) string {
@@ -471,6 +502,16 @@ func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (in
 	// Append: its own dedup record, written after every other part.
 	sealed := m.ClientMsgID != ""
 	S := r.Account(m.Sender.Account)
+	if shards, ok := allLocal(r, parts, S, c, true); ok {
+		// Every part, the group's and the sender's shard on this node: one
+		// commit, as on one node, under the fence of every shard involved.
+		var acc inbox.Accepted
+		err := r.guardAll(shards, func() (err error) {
+			acc, err = ib.local.AppendGroup(ctx, m)
+			return err
+		})
+		return acc, err
+	}
 	var sealTo []wire.DeviceAddr
 	if sealed && c != S {
 		sealTo = parts[S]
