@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"maps"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -14,6 +13,7 @@ import (
 	"github.com/ferryhq/ferry/inbox"
 	"github.com/ferryhq/ferry/relay"
 	"github.com/ferryhq/ferry/route/routepb"
+	"github.com/ferryhq/ferry/store"
 	"github.com/ferryhq/ferry/store/storepb"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
@@ -47,6 +47,15 @@ func (r *Router) AcceptGroupID(creator string, id [group.IDSize]byte) bool {
 	return r.smap.Group(id) == r.smap.Account(creator)
 }
 
+// guarded runs fn, a local store call for shard, under Router.guard.
+func guarded[T any](r *Router, shard cluster.ShardID, fn func() (T, error)) (v T, err error) {
+	err = r.guard(shard, func() (err error) {
+		v, err = fn()
+		return err
+	})
+	return v, err
+}
+
 // ---------------------------------------------------------------- accounts
 
 type accounts struct {
@@ -54,24 +63,15 @@ type accounts struct {
 	local relay.Accounts
 }
 
-func (a *accounts) Register(ctx context.Context, username string, signingKey []byte, registrationID uint32) (d *storepb.Device, err error) {
-	err = a.r.guard(a.r.Account(username), func() (err error) {
-		d, err = a.local.Register(ctx, username, signingKey, registrationID)
-		return err
-	})
-	return d, err
+func (a *accounts) Register(ctx context.Context, username string, signingKey []byte, registrationID uint32) (*storepb.Device, error) {
+	return guarded(a.r, a.r.Account(username), func() (*storepb.Device, error) { return a.local.Register(ctx, username, signingKey, registrationID) })
 }
 
 // Account reads any account, from its owner.
 func (a *accounts) Account(ctx context.Context, username string) (*storepb.Account, error) {
 	shard := a.r.Account(username)
 	if a.r.Local(shard) {
-		var acct *storepb.Account
-		err := a.r.guard(shard, func() (err error) {
-			acct, err = a.local.Account(ctx, username)
-			return err
-		})
-		return acct, err
+		return guarded(a.r, shard, func() (*storepb.Account, error) { return a.local.Account(ctx, username) })
 	}
 	rep, err := a.r.call(ctx, "account", &routepb.Call{Shard: uint32(shard),
 		Body: &routepb.Call_Account{Account: &routepb.AccountCall{Username: username}}})
@@ -85,20 +85,12 @@ func (a *accounts) Account(ctx context.Context, username string) (*storepb.Accou
 	return acct, nil
 }
 
-func (a *accounts) Device(ctx context.Context, addr wire.DeviceAddr) (d *storepb.Device, err error) {
-	err = a.r.guard(a.r.Account(addr.Account), func() (err error) {
-		d, err = a.local.Device(ctx, addr)
-		return err
-	})
-	return d, err
+func (a *accounts) Device(ctx context.Context, addr wire.DeviceAddr) (*storepb.Device, error) {
+	return guarded(a.r, a.r.Account(addr.Account), func() (*storepb.Device, error) { return a.local.Device(ctx, addr) })
 }
 
-func (a *accounts) AddDevice(ctx context.Context, username string, signingKey []byte, registrationID uint32) (d *storepb.Device, err error) {
-	err = a.r.guard(a.r.Account(username), func() (err error) {
-		d, err = a.local.AddDevice(ctx, username, signingKey, registrationID)
-		return err
-	})
-	return d, err
+func (a *accounts) AddDevice(ctx context.Context, username string, signingKey []byte, registrationID uint32) (*storepb.Device, error) {
+	return guarded(a.r, a.r.Account(username), func() (*storepb.Device, error) { return a.local.AddDevice(ctx, username, signingKey, registrationID) })
 }
 
 func (a *accounts) RemoveDevice(ctx context.Context, addr wire.DeviceAddr) error {
@@ -115,12 +107,8 @@ func (a *accounts) DeviceList(ctx context.Context, username string) (l *wirepb.S
 	return l, v, err
 }
 
-func (a *accounts) PublishDeviceList(ctx context.Context, username string, signed *wirepb.SignedDeviceList, primaryIdentity []byte) (ids []uint32, err error) {
-	err = a.r.guard(a.r.Account(username), func() (err error) {
-		ids, err = a.local.PublishDeviceList(ctx, username, signed, primaryIdentity)
-		return err
-	})
-	return ids, err
+func (a *accounts) PublishDeviceList(ctx context.Context, username string, signed *wirepb.SignedDeviceList, primaryIdentity []byte) ([]uint32, error) {
+	return guarded(a.r, a.r.Account(username), func() ([]uint32, error) { return a.local.PublishDeviceList(ctx, username, signed, primaryIdentity) })
 }
 
 // ---------------------------------------------------------------- prekeys
@@ -132,20 +120,12 @@ type prekeys struct {
 	local relay.Prekeys
 }
 
-func (p *prekeys) Upload(ctx context.Context, dev wire.DeviceAddr, up *wirepb.UploadKeys) (n int, err error) {
-	err = p.r.guard(p.r.Account(dev.Account), func() (err error) {
-		n, err = p.local.Upload(ctx, dev, up)
-		return err
-	})
-	return n, err
+func (p *prekeys) Upload(ctx context.Context, dev wire.DeviceAddr, up *wirepb.UploadKeys) (int, error) {
+	return guarded(p.r, p.r.Account(dev.Account), func() (int, error) { return p.local.Upload(ctx, dev, up) })
 }
 
-func (p *prekeys) Claim(ctx context.Context, requester wire.DeviceAddr, account string, deviceIDs []uint32) (b []*wirepb.PreKeyBundle, err error) {
-	err = p.r.guard(p.r.Account(account), func() (err error) {
-		b, err = p.local.Claim(ctx, requester, account, deviceIDs)
-		return err
-	})
-	return b, err
+func (p *prekeys) Claim(ctx context.Context, requester wire.DeviceAddr, account string, deviceIDs []uint32) ([]*wirepb.PreKeyBundle, error) {
+	return guarded(p.r, p.r.Account(account), func() ([]*wirepb.PreKeyBundle, error) { return p.local.Claim(ctx, requester, account, deviceIDs) })
 }
 
 func (p *prekeys) Count(ctx context.Context, dev wire.DeviceAddr) (n int, signed bool, err error) {
@@ -158,12 +138,8 @@ func (p *prekeys) Count(ctx context.Context, dev wire.DeviceAddr) (n int, signed
 
 func (p *prekeys) LowThreshold() int { return p.local.LowThreshold() }
 
-func (p *prekeys) IdentityKey(ctx context.Context, dev wire.DeviceAddr) (k []byte, err error) {
-	err = p.r.guard(p.r.Account(dev.Account), func() (err error) {
-		k, err = p.local.IdentityKey(ctx, dev)
-		return err
-	})
-	return k, err
+func (p *prekeys) IdentityKey(ctx context.Context, dev wire.DeviceAddr) ([]byte, error) {
+	return guarded(p.r, p.r.Account(dev.Account), func() ([]byte, error) { return p.local.IdentityKey(ctx, dev) })
 }
 
 func (p *prekeys) DeleteDevice(ctx context.Context, dev wire.DeviceAddr) error {
@@ -177,13 +153,11 @@ type groups struct {
 	local relay.Groups
 }
 
-func (g *groups) CreateWith(ctx context.Context, creator, name string, members []string, commit group.CommitFunc) (gr *storepb.Group, err error) {
+func (g *groups) CreateWith(ctx context.Context, creator, name string, members []string, commit group.CommitFunc) (*storepb.Group, error) {
 	// AcceptGroupID puts the group on the creator's shard.
-	err = g.r.guard(g.r.Account(creator), func() (err error) {
-		gr, err = g.local.CreateWith(ctx, creator, name, members, commit)
-		return err
+	return guarded(g.r, g.r.Account(creator), func() (*storepb.Group, error) {
+		return g.local.CreateWith(ctx, creator, name, members, commit)
 	})
-	return gr, err
 }
 
 func (g *groups) shard(id string) (cluster.ShardID, error) {
@@ -194,28 +168,22 @@ func (g *groups) shard(id string) (cluster.ShardID, error) {
 	return g.r.Group(gid), nil
 }
 
-func (g *groups) Get(ctx context.Context, id string) (gr *storepb.Group, err error) {
+func (g *groups) Get(ctx context.Context, id string) (*storepb.Group, error) {
 	shard, err := g.shard(id)
 	if err != nil {
 		return nil, err
 	}
-	err = g.r.guard(shard, func() (err error) {
-		gr, err = g.local.Get(ctx, id)
-		return err
-	})
-	return gr, err
+	return guarded(g.r, shard, func() (*storepb.Group, error) { return g.local.Get(ctx, id) })
 }
 
-func (g *groups) ChangeWith(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string, commit group.CommitFunc) (ch group.Change, err error) {
+func (g *groups) ChangeWith(ctx context.Context, requester, id string, op wirepb.GroupChange_Op, members []string, commit group.CommitFunc) (group.Change, error) {
 	shard, err := g.shard(id)
 	if err != nil {
 		return group.Change{}, err
 	}
-	err = g.r.guard(shard, func() (err error) {
-		ch, err = g.local.ChangeWith(ctx, requester, id, op, members, commit)
-		return err
+	return guarded(g.r, shard, func() (group.Change, error) {
+		return g.local.ChangeWith(ctx, requester, id, op, members, commit)
 	})
-	return ch, err
 }
 
 // ListFor asks every node: a user's groups live on their creators' shards.
@@ -290,32 +258,33 @@ type routedInbox struct {
 }
 
 // convShard returns the shard that owns a conversation's sequence counter
-// and an account of that shard to keep dedup records under: a 1:1
-// conversation "d:A:B" (A < B) is A's; a group's "g:<hex id>" is the
-// group's (its records go under "#<hex id>", which no username can be).
+// (store.ConversationOwner: a 1:1 "d:A:B" is the lower name's, "g:<hex
+// id>" the group's) and an account of that shard to keep dedup records
+// under: the lower name, or the group's GroupDedupAccount.
 func (r *Router) convShard(conv string) (shard cluster.ShardID, anchor string, ok bool) {
+	o, ok := store.ConversationOwner(conv)
 	switch {
-	case strings.HasPrefix(conv, "d:"):
-		a, _, found := strings.Cut(conv[2:], ":")
-		if !found || a == "" {
-			return 0, "", false
-		}
-		return r.Account(a), a, true
-	case strings.HasPrefix(conv, "g:"):
-		id, err := hex.DecodeString(conv[2:])
-		if err != nil || len(id) != group.IDSize {
-			return 0, "", false
-		}
-		return r.Group([group.IDSize]byte(id)), "#" + conv[2:], true
+	case !ok:
+		return 0, "", false
+	case o.Group != "":
+		id := [group.IDSize]byte([]byte(o.Group))
+		return r.Group(id), GroupDedupAccount(id), true
 	}
-	return 0, "", false
+	return r.Account(o.Account), o.Account, true
 }
 
-// dedupAnchor is the DedupAccount of a part on shard: none (the sender
-// device's own record) on the sender's shard, else an account of shard.
-func (r *Router) dedupAnchor(sender wire.DeviceAddr, shard cluster.ShardID, account string) string {
-	if r.Account(sender.Account) == shard {
-		return ""
+// GroupDedupAccount is the pseudo-account a group's dedup records are kept
+// under on the group's shard ("#<hex id>": no username can be it), so they
+// move with the group (ShardFilter).
+func GroupDedupAccount(id [group.IDSize]byte) string { return "#" + hex.EncodeToString(id[:]) }
+
+// partDedup is the DedupAccount of a part on shard s that is not the seal:
+// an account of s, the sender's own on the sender's shard (a key apart
+// from the seal's, which is the sender device's). Without a client message
+// id it does not matter: nothing is deduplicated.
+func partDedup(sender string, senderShard, s cluster.ShardID, account string) string {
+	if s == senderShard {
+		return sender
 	}
 	return account
 }
@@ -349,12 +318,6 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 		})
 		return acc, err
 	}
-	anchorOn := func(s cluster.ShardID, account string) string {
-		if s == S {
-			return m.Sender.Account // not the seal's key: device 0, "<sender>.<device>:<id>"
-		}
-		return account
-	}
 	var sealEntries []inbox.Entry
 	if sealed && (!hasConv || c != S) {
 		sealEntries = parts[S]
@@ -366,16 +329,9 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 		// (or, for a retry, returns the original one).
 		es := parts[c]
 		delete(parts, c)
-		if anchor2 := firstAccount(es); anchor2 != "" && r.Account(anchor2) == c {
-			anchor = anchor2
-		}
-		dedup := r.dedupAnchor(m.Sender, c, anchor)
-		if sealed {
-			dedup = anchorOn(c, anchor)
-		}
 		var err error
 		acc, err = ib.appendPart(ctx, c, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID,
-			Conversation: m.Conversation, Entries: es, DedupAccount: dedup})
+			Conversation: m.Conversation, Entries: es, DedupAccount: partDedup(m.Sender.Account, S, c, anchor)})
 		if err != nil {
 			return inbox.Accepted{}, err
 		}
@@ -383,12 +339,8 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 	var mu sync.Mutex
 	seq := acc.Seq
 	err := eachPart(ctx, parts, func(ctx context.Context, s cluster.ShardID, es []inbox.Entry) error {
-		dedup := r.dedupAnchor(m.Sender, s, es[0].To.Account)
-		if sealed {
-			dedup = anchorOn(s, es[0].To.Account)
-		}
 		a, err := ib.appendPart(ctx, s, inbox.Send{Sender: m.Sender, ClientMsgID: m.ClientMsgID, Seq: seq,
-			Entries: es, DedupAccount: dedup})
+			Entries: es, DedupAccount: partDedup(m.Sender.Account, S, s, es[0].To.Account)})
 		if !hasConv && err == nil {
 			mu.Lock()
 			acc = a // no sequence: any part's time will do
@@ -429,13 +381,6 @@ func allLocal[T any](r *Router, parts map[cluster.ShardID][]T, sender, conv clus
 	return shards, true
 }
 
-func firstAccount(es []inbox.Entry) string {
-	if len(es) == 0 {
-		return ""
-	}
-	return es[0].To.Account
-}
-
 // eachPart runs fn for every shard's part concurrently and returns the
 // first error (after all have finished: a part is never abandoned midway).
 func eachPart[T any](ctx context.Context, parts map[cluster.ShardID][]T, fn func(context.Context, cluster.ShardID, []T) error) error {
@@ -466,13 +411,9 @@ func eachPart[T any](ctx context.Context, parts map[cluster.ShardID][]T, fn func
 	return firstErr
 }
 
-func (ib *routedInbox) appendPart(ctx context.Context, shard cluster.ShardID, m inbox.Send) (acc inbox.Accepted, err error) {
+func (ib *routedInbox) appendPart(ctx context.Context, shard cluster.ShardID, m inbox.Send) (inbox.Accepted, error) {
 	if ib.r.Local(shard) {
-		err = ib.r.guard(shard, func() (err error) {
-			acc, err = ib.local.Append(ctx, m)
-			return err
-		})
-		return acc, err
+		return guarded(ib.r, shard, func() (inbox.Accepted, error) { return ib.local.Append(ctx, m) })
 	}
 	call := &routepb.AppendCall{Sender: m.Sender.Account, SenderDevice: m.Sender.Device, ClientMsgId: m.ClientMsgID,
 		DedupAccount: m.DedupAccount, Conversation: m.Conversation, Seq: m.Seq, Entries: entriesPB(m.Entries)}
@@ -521,15 +462,10 @@ func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (in
 	// allocates the sequence number and holds the dedup record.
 	first := m
 	first.Recipients = parts[c]
-	first.DedupAccount = r.dedupAnchor(m.Sender, c, anchor)
-	if sealed {
-		first.DedupAccount = anchor // "#<group id>", on the group's shard
-	}
+	first.DedupAccount = anchor // the group's, on its shard
 	delete(parts, c)
-	if !r.Local(c) {
-		if len(m.Also) > 0 {
-			return inbox.Accepted{}, unavailable(ErrNotOwner, "route: group %s is not served by this node", key)
-		}
+	if len(m.Also) > 0 && !r.Local(c) {
+		return inbox.Accepted{}, unavailable(ErrNotOwner, "route: group %s is not served by this node", key)
 	}
 	acc, err := ib.appendGroupPart(ctx, c, first)
 	if err != nil {
@@ -544,10 +480,7 @@ func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (in
 	send := func(ctx context.Context, s cluster.ShardID, to []wire.DeviceAddr) error {
 		p := rest
 		p.Recipients = to
-		p.DedupAccount = r.dedupAnchor(m.Sender, s, to[0].Account)
-		if sealed && s == S {
-			p.DedupAccount = m.Sender.Account // not the seal's key
-		}
+		p.DedupAccount = partDedup(m.Sender.Account, S, s, to[0].Account)
 		_, err := ib.appendGroupPart(ctx, s, p)
 		return err
 	}
@@ -588,13 +521,9 @@ func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (in
 	return acc, nil
 }
 
-func (ib *routedInbox) appendGroupPart(ctx context.Context, shard cluster.ShardID, m inbox.GroupAppend) (acc inbox.Accepted, err error) {
+func (ib *routedInbox) appendGroupPart(ctx context.Context, shard cluster.ShardID, m inbox.GroupAppend) (inbox.Accepted, error) {
 	if ib.r.Local(shard) {
-		err = ib.r.guard(shard, func() (err error) {
-			acc, err = ib.local.AppendGroup(ctx, m)
-			return err
-		})
-		return acc, err
+		return guarded(ib.r, shard, func() (inbox.Accepted, error) { return ib.local.AppendGroup(ctx, m) })
 	}
 	call := &routepb.AppendGroupCall{Sender: m.Sender.Account, SenderDevice: m.Sender.Device, ClientMsgId: m.ClientMsgID,
 		DedupAccount: m.DedupAccount, Conversation: m.Conversation, Seq: m.Seq, Env: m.Env, Body: m.Body,
@@ -628,34 +557,22 @@ func (ib *routedInbox) Lookup(ctx context.Context, sender wire.DeviceAddr, clien
 	return acc, ok, err
 }
 
-func (ib *routedInbox) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) (items []inbox.Item, err error) {
-	err = ib.r.guard(ib.r.Account(dev.Account), func() (err error) {
-		items, err = ib.local.Range(ctx, dev, after, limit)
-		return err
-	})
-	return items, err
+func (ib *routedInbox) Range(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]inbox.Item, error) {
+	return guarded(ib.r, ib.r.Account(dev.Account), func() ([]inbox.Item, error) { return ib.local.Range(ctx, dev, after, limit) })
 }
 
-func (ib *routedInbox) RangeRaw(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) (items []inbox.Item, err error) {
-	err = ib.r.guard(ib.r.Account(dev.Account), func() (err error) {
-		items, err = ib.local.RangeRaw(ctx, dev, after, limit)
-		return err
-	})
-	return items, err
+func (ib *routedInbox) RangeRaw(ctx context.Context, dev wire.DeviceAddr, after uint64, limit int) ([]inbox.Item, error) {
+	return guarded(ib.r, ib.r.Account(dev.Account), func() ([]inbox.Item, error) { return ib.local.RangeRaw(ctx, dev, after, limit) })
 }
 
-func (ib *routedInbox) Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (env *wirepb.Envelope, err error) {
-	err = ib.r.guard(ib.r.Account(dev.Account), func() (err error) {
-		env, err = ib.local.Get(ctx, dev, id)
-		return err
-	})
-	return env, err
+func (ib *routedInbox) Get(ctx context.Context, dev wire.DeviceAddr, id uint64) (*wirepb.Envelope, error) {
+	return guarded(ib.r, ib.r.Account(dev.Account), func() (*wirepb.Envelope, error) { return ib.local.Get(ctx, dev, id) })
 }
 
 // Ack deletes locally; the receipt markers it leaves for senders on other
 // shards are stored on their owners first (markers keep the highest
 // sequence, so one stored twice after a failed ack is harmless).
-func (ib *routedInbox) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]inbox.Entry) (deleted []uint64, err error) {
+func (ib *routedInbox) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint64, follow map[uint64][]inbox.Entry) ([]uint64, error) {
 	shard := ib.r.Account(dev.Account)
 	var remote []inbox.Entry
 	local, copied := follow, false
@@ -685,11 +602,7 @@ func (ib *routedInbox) Ack(ctx context.Context, dev wire.DeviceAddr, ids []uint6
 			return nil, err
 		}
 	}
-	err = ib.r.guard(shard, func() (err error) {
-		deleted, err = ib.local.Ack(ctx, dev, ids, local)
-		return err
-	})
-	return deleted, err
+	return guarded(ib.r, shard, func() ([]uint64, error) { return ib.local.Ack(ctx, dev, ids, local) })
 }
 
 func (ib *routedInbox) AppendMarkers(ctx context.Context, entries []inbox.Entry) (int, error) {

@@ -10,14 +10,16 @@ package route
 // redirected to the target after it.
 
 import (
-	"bytes"
+	"encoding/hex"
+	"strings"
+
 	"context"
 	"errors"
 	"fmt"
-	"io"
+	"github.com/ferryhq/ferry/group"
+	"github.com/ferryhq/ferry/store"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/ferryhq/ferry/cluster"
@@ -25,7 +27,6 @@ import (
 	"github.com/ferryhq/ferry/route/routepb"
 	"github.com/ferryhq/ferry/wire"
 	"github.com/ferryhq/ferry/wire/wirepb"
-	"google.golang.org/protobuf/proto"
 )
 
 // ShardData is the store side of a move: every record of one shard, each
@@ -41,9 +42,27 @@ type ShardData interface {
 	Drop(ctx context.Context, shard cluster.ShardID) error
 }
 
-// moveTransport carries move and import calls: no reply-header timeout
-// of its own (the call's deadline bounds it).
-var moveTransport = &http.Transport{MaxIdleConnsPerHost: 2, IdleConnTimeout: 30 * time.Second}
+// ShardFilter selects shard s's records for a move: its accounts, its
+// groups, and the dedup records kept under a group's GroupDedupAccount.
+func ShardFilter(smap cluster.ShardMap, s cluster.ShardID) store.ShardFilter {
+	inGroup := func(id []byte) bool { return len(id) == group.IDSize && smap.Group([group.IDSize]byte(id)) == s }
+	return store.ShardFilter{
+		Account: func(u string) bool {
+			if rest, ok := strings.CutPrefix(u, "#"); ok {
+				id, err := hex.DecodeString(rest)
+				return err == nil && inGroup(id)
+			}
+			return smap.Account(u) == s
+		},
+		Group: inGroup,
+	}
+}
+
+// moveClient carries move and import calls. The router's transport gives
+// up on a reply after the call timeout (5 s); an import may take longer,
+// so these have no reply-header timeout of their own (the call's deadline
+// bounds them).
+var moveClient = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 2, IdleConnTimeout: 30 * time.Second}}
 
 // moveTimeout bounds a whole move as seen by the operator's command and
 // the import call.
@@ -120,7 +139,7 @@ func (r *Router) moveOut(ctx context.Context, shard cluster.ShardID, target stri
 	if err != nil {
 		return nil, err
 	}
-	rep, err := postTimeout(ctx, r.hc, r.cfg.Secret, info.Advertise, body, moveTimeout)
+	rep, _, err := roundTrip(ctx, moveClient, r.cfg.Secret, info.Advertise, body, moveTimeout)
 	if err == nil && rep.GetError() != nil {
 		err = wire.FromProto(rep.GetError())
 	}
@@ -162,42 +181,6 @@ func (r *Router) importShard(ctx context.Context, shard cluster.ShardID, recs []
 	return &routepb.MoveResult{Epoch: epoch, Records: uint32(len(recs))}, nil
 }
 
-// postTimeout makes one authenticated call with its own deadline.
-func postTimeout(ctx context.Context, hc *http.Client, secret []byte, advertise string, body []byte, timeout time.Duration) (*routepb.Reply, error) {
-	u, err := nodeURL(advertise)
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
-	if err != nil {
-		return nil, err
-	}
-	req.Header.Set("Content-Type", "application/x-protobuf")
-	req.Header.Set(AuthHeader, sign(secret, body, time.Now()))
-	// The router's transport gives up on a reply after the call timeout
-	// (5 s); an import may take longer, so moves use their own.
-	c := http.Client{Transport: moveTransport, Timeout: timeout}
-	resp, err := c.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrCall, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, maxCallBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("%w: read reply: %w", ErrCall, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%w: HTTP %d: %s", ErrCall, resp.StatusCode, strings.TrimSpace(string(b[:min(len(b), 200)])))
-	}
-	rep := &routepb.Reply{}
-	if err := proto.Unmarshal(b, rep); err != nil {
-		return nil, fmt.Errorf("%w: decode reply: %w", ErrCall, err)
-	}
-	return rep, nil
-}
-
 // Move asks the node at advertise (the shard's owner) to move shard to
 // target; for `ferryd cluster move`.
 func Move(ctx context.Context, secret []byte, advertise string, shard cluster.ShardID, target string) (*routepb.MoveResult, error) {
@@ -205,7 +188,7 @@ func Move(ctx context.Context, secret []byte, advertise string, shard cluster.Sh
 	if err != nil {
 		return nil, err
 	}
-	rep, err := postTimeout(ctx, &http.Client{}, secret, advertise, body, moveTimeout)
+	rep, _, err := roundTrip(ctx, moveClient, secret, advertise, body, moveTimeout)
 	if err != nil {
 		return nil, err
 	}

@@ -363,44 +363,53 @@ func (r *Router) call(ctx context.Context, kind string, c *routepb.Call) (*route
 }
 
 func (r *Router) post(ctx context.Context, kind, advertise string, body []byte) (*routepb.Reply, error) {
+	start := time.Now()
+	rep, result, err := roundTrip(ctx, r.hc, r.cfg.Secret, advertise, body, r.cfg.Timeout)
+	if result != "" {
+		if result != "transport" {
+			r.m.dur.WithLabelValues(kind).Observe(time.Since(start).Seconds())
+		}
+		r.m.calls.WithLabelValues(kind, result).Inc()
+	}
+	return rep, err
+}
+
+// roundTrip makes one authenticated call to the node at advertise, with
+// its own deadline, and decodes the reply. result is the outcome for the
+// calls metric: "transport", "http_<status>", "bad_reply", the reply's
+// error code or "OK" ("" if the call was never made).
+func roundTrip(ctx context.Context, hc *http.Client, secret []byte, advertise string, body []byte, timeout time.Duration) (rep *routepb.Reply, result string, err error) {
 	u, err := nodeURL(advertise)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	ctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	req.Header.Set("Content-Type", "application/x-protobuf")
-	req.Header.Set(AuthHeader, sign(r.cfg.Secret, body, time.Now()))
-	start := time.Now()
-	resp, err := r.hc.Do(req)
+	req.Header.Set(AuthHeader, sign(secret, body, time.Now()))
+	resp, err := hc.Do(req)
 	if err != nil {
-		r.m.calls.WithLabelValues(kind, "transport").Inc()
-		return nil, fmt.Errorf("%w: %w", ErrCall, err)
+		return nil, "transport", fmt.Errorf("%w: %w", ErrCall, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxCallBytes+1))
-	r.m.dur.WithLabelValues(kind).Observe(time.Since(start).Seconds())
 	if err != nil {
-		r.m.calls.WithLabelValues(kind, "transport").Inc()
-		return nil, fmt.Errorf("%w: read reply: %w", ErrCall, err)
+		return nil, "transport", fmt.Errorf("%w: read reply: %w", ErrCall, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		r.m.calls.WithLabelValues(kind, "http_"+strconv.Itoa(resp.StatusCode)).Inc()
-		return nil, fmt.Errorf("%w: HTTP %d: %s", ErrCall, resp.StatusCode, strings.TrimSpace(string(b[:min(len(b), 200)])))
+		return nil, "http_" + strconv.Itoa(resp.StatusCode),
+			fmt.Errorf("%w: HTTP %d: %s", ErrCall, resp.StatusCode, strings.TrimSpace(string(b[:min(len(b), 200)])))
 	}
-	rep := &routepb.Reply{}
+	rep = &routepb.Reply{}
 	if err := proto.Unmarshal(b, rep); err != nil {
-		r.m.calls.WithLabelValues(kind, "bad_reply").Inc()
-		return nil, fmt.Errorf("%w: decode reply: %w", ErrCall, err)
+		return nil, "bad_reply", fmt.Errorf("%w: decode reply: %w", ErrCall, err)
 	}
 	if rep.Error != nil {
-		r.m.calls.WithLabelValues(kind, rep.Error.Code.String()).Inc()
-	} else {
-		r.m.calls.WithLabelValues(kind, "OK").Inc()
+		return rep, rep.Error.Code.String(), nil
 	}
-	return rep, nil
+	return rep, "OK", nil
 }

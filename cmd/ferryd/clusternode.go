@@ -5,7 +5,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -15,7 +14,6 @@ import (
 	"google.golang.org/protobuf/proto"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -206,25 +204,9 @@ func newShardData(cn *clusterNode, stores ...shardmove.Store) *shardData {
 	return &shardData{smap: sm, stores: stores}
 }
 
-// filter selects shard s: its accounts, its groups, and the dedup records
-// of group sends kept under the pseudo-account "#<hex group id>" (see
-// route, DedupAccount).
-func (d *shardData) filter(s cluster.ShardID) store.ShardFilter {
-	group := func(id []byte) bool { return len(id) == 16 && d.smap.Group([16]byte(id)) == s }
-	return store.ShardFilter{
-		Account: func(u string) bool {
-			if rest, ok := strings.CutPrefix(u, "#"); ok {
-				id, err := hex.DecodeString(rest)
-				return err == nil && group(id)
-			}
-			return d.smap.Account(u) == s
-		},
-		Group: group,
-	}
-}
 
 func (d *shardData) Export(ctx context.Context, s cluster.ShardID, emit func([]byte) error) error {
-	return shardmove.Export(ctx, d.stores, d.filter(s), func(r *storepb.ShardRecord) error {
+	return shardmove.Export(ctx, d.stores, route.ShardFilter(d.smap, s), func(r *storepb.ShardRecord) error {
 		b, err := proto.Marshal(r)
 		if err != nil {
 			return err
@@ -246,5 +228,5 @@ func (d *shardData) Import(ctx context.Context, s cluster.ShardID, raw [][]byte)
 }
 
 func (d *shardData) Drop(ctx context.Context, s cluster.ShardID) error {
-	return shardmove.Drop(ctx, d.stores, d.filter(s))
+	return shardmove.Drop(ctx, d.stores, route.ShardFilter(d.smap, s))
 }
