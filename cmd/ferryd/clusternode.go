@@ -204,7 +204,6 @@ func newShardData(cn *clusterNode, stores ...shardmove.Store) *shardData {
 	return &shardData{smap: sm, stores: stores}
 }
 
-
 func (d *shardData) Export(ctx context.Context, s cluster.ShardID, emit func([]byte) error) error {
 	return shardmove.Export(ctx, d.stores, route.ShardFilter(d.smap, s), func(r *storepb.ShardRecord) error {
 		b, err := proto.Marshal(r)
