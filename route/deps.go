@@ -307,16 +307,13 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 	// Every other part deduplicates under an account of its own shard.
 	sealed := m.ClientMsgID != ""
 	S := r.Account(m.Sender.Account)
-	if shards, ok := allLocal(r, parts, S, c, hasConv); ok {
-		// Every part on this node: one commit holds every entry, the
-		// sequence and the sender's own dedup record, as on one node,
-		// under the fence of every shard involved.
-		var acc inbox.Accepted
-		err := r.guardAll(shards, func() (err error) {
-			acc, err = ib.local.Append(ctx, m)
-			return err
-		})
-		return acc, err
+	if oneShard(parts, S, c, hasConv) {
+		// One shard, the sender's: one commit holds every entry, the
+		// sequence and the sender's own dedup record, as on one node. The
+		// choice depends on shards only, never on which node serves them,
+		// so a retry after a move takes the same path and finds the same
+		// dedup records.
+		return ib.appendPart(ctx, S, m)
 	}
 	var sealEntries []inbox.Entry
 	if sealed && (!hasConv || c != S) {
@@ -361,24 +358,18 @@ func (ib *routedInbox) Append(ctx context.Context, m inbox.Send) (inbox.Accepted
 	return acc, nil
 }
 
-// allLocal returns the shards of the parts, the sender's and the
-// conversation's (if any) when this node serves all of them.
-func allLocal[T any](r *Router, parts map[cluster.ShardID][]T, sender, conv cluster.ShardID, hasConv bool) ([]cluster.ShardID, bool) {
-	shards := []cluster.ShardID{sender}
+// oneShard reports whether every part, and the conversation (if any), is
+// on the sender's shard.
+func oneShard[T any](parts map[cluster.ShardID][]T, sender, conv cluster.ShardID, hasConv bool) bool {
 	if hasConv && conv != sender {
-		shards = append(shards, conv)
+		return false
 	}
 	for p := range parts {
-		if p != sender && (!hasConv || p != conv) {
-			shards = append(shards, p)
+		if p != sender {
+			return false
 		}
 	}
-	for _, s := range shards {
-		if !r.Local(s) {
-			return nil, false
-		}
-	}
-	return shards, true
+	return true
 }
 
 // eachPart runs fn for every shard's part concurrently and returns the
@@ -443,15 +434,13 @@ func (ib *routedInbox) AppendGroup(ctx context.Context, m inbox.GroupAppend) (in
 	// Append: its own dedup record, written after every other part.
 	sealed := m.ClientMsgID != ""
 	S := r.Account(m.Sender.Account)
-	if shards, ok := allLocal(r, parts, S, c, true); ok {
-		// Every part, the group's and the sender's shard on this node: one
-		// commit, as on one node, under the fence of every shard involved.
-		var acc inbox.Accepted
-		err := r.guardAll(shards, func() (err error) {
-			acc, err = ib.local.AppendGroup(ctx, m)
-			return err
-		})
-		return acc, err
+	if oneShard(parts, S, c, true) {
+		// One shard, the sender's and the group's: one commit, as on one
+		// node (by shards only, as in Append).
+		if len(m.Also) > 0 && !r.Local(c) {
+			return inbox.Accepted{}, unavailable(ErrNotOwner, "route: group %s is not served by this node", key)
+		}
+		return ib.appendGroupPart(ctx, c, m)
 	}
 	var sealTo []wire.DeviceAddr
 	if sealed && c != S {

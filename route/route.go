@@ -229,28 +229,6 @@ func (r *Router) guard(shard cluster.ShardID, fn func() error) error {
 	return nil
 }
 
-// guardAll is guard over several shards: every epoch taken before fn,
-// every one checked after it.
-func (r *Router) guardAll(shards []cluster.ShardID, fn func() error) error {
-	epochs := make([]uint64, len(shards))
-	for i, s := range shards {
-		e, ok := r.fence.Epoch(s)
-		if !ok {
-			return unavailable(ErrNotOwner, "route: shard %d is not served by this node now", s)
-		}
-		epochs[i] = e
-	}
-	if err := fn(); err != nil {
-		return err
-	}
-	for i, s := range shards {
-		if err := r.fence.Check(s, epochs[i]); err != nil {
-			return unavailable(err, "route: shard %d moved during the request; retry", s)
-		}
-	}
-	return nil
-}
-
 // nodeURL turns an advertise URL (ws/wss) into the node-call URL.
 func nodeURL(advertise string) (string, error) {
 	u, err := url.Parse(advertise)

@@ -377,3 +377,51 @@ func TestGroupPartsKeepOrder(t *testing.T) {
 		t.Fatalf("%s's inbox holds seqs %v in id order, want [1 2]", last, seqs)
 	}
 }
+
+// How a send is split depends on shards only: a send whose first attempt
+// stored its conversation part while the recipient's shard was unserved,
+// retried after that shard came to the sender's node, is recognized as the
+// same send (its original sequence number), not stored anew.
+func TestRetryAfterShardMovesKeepsItsSequence(t *testing.T) {
+	rs := redistest.Start(t)
+	rdb := redis.NewClient(&redis.Options{Addr: rs.Addr()})
+	t.Cleanup(func() { _ = rdb.Close() })
+	ctx := context.Background()
+	a := newTestNode(t, rdb, "a", true)
+	b := newTestNode(t, rdb, "b", false)
+	for s, n := range map[cluster.ShardID]*testNode{0: a, 2: b} {
+		if _, err := n.node.Claim(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := a.r.ShardMap()
+	lo, hi := nameOn(t, m, 0, "alice"), nameOn(t, m, 2, "zed")
+	alice := register(t, a, lo)
+	bob := wire.DeviceAddr{Account: hi, Device: 1}
+	send := func() (inbox.Accepted, error) {
+		return a.routed.inbox.Append(ctx, inbox.Send{Sender: alice, ClientMsgID: "m1", Conversation: "d:" + lo + ":" + hi,
+			Entries: []inbox.Entry{{To: bob, Env: &wirepb.Envelope{Sender: lo, SenderDevice: 1, To: hi,
+				Type: wirepb.EnvelopeType_SIGNAL_MESSAGE, Content: []byte("x"), ClientMsgId: "m1"}}}})
+	}
+	first, _ := a.routed.inbox.Append(ctx, inbox.Send{Sender: alice, ClientMsgID: "m0", Conversation: "d:" + lo + ":" + hi})
+	// bob's shard is served by nobody: the conversation's part (alice's
+	// shard) takes seq first+1, bob's part fails.
+	if err := b.node.Release(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	b.node.Hold(2)
+	if _, err := send(); err == nil {
+		t.Fatal("send to an unserved shard succeeded")
+	}
+	// bob's shard comes to a (both shards local now); the retry is the same send.
+	if _, err := a.node.Claim(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	acc, err := send()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := first.Seq + 1; acc.Seq != want {
+		t.Fatalf("retry got seq %d, want the first attempt's %d", acc.Seq, want)
+	}
+}
